@@ -1,0 +1,67 @@
+"""Board targets by name: the FPGA on each board and its resource budget.
+
+The registry is data: the config validates ``target.board`` against it, the co-design flow
+sizes hardware under its budget, and the bitstream builds look up the platform here.
+"""
+
+from dataclasses import dataclass
+
+from ..errors import UserError
+
+__all__ = ["BOARDS", "BoardSpec", "get_board"]
+
+
+@dataclass(frozen=True)
+class BoardSpec:
+    """An FPGA board.
+
+    Members
+    -------
+    name : str
+        Registry name (``target.board`` in a config).
+    family, device, package : str
+        FPGA family (``ecp5``, ``ice40``, ``xc7``), part and package.
+    luts, ffs, dsps : int
+        Logic cells (LUT4 or LUT6), flip-flops and hard multipliers.
+    bram_bits : int
+        Block RAM in bits.
+    spram_bits : int
+        Single-port large RAM in bits (iCE40 UltraPlus), 0 elsewhere.
+    osc_mhz : float
+        On-board oscillator frequency.
+    toolchain : str
+        ``yowasp`` (open flow from PyPI, builds bitstreams) or ``vendor`` (generate only).
+    """
+
+    name: str
+    family: str
+    device: str
+    package: str
+    luts: int
+    ffs: int
+    dsps: int
+    bram_bits: int
+    spram_bits: int
+    osc_mhz: float
+    toolchain: str
+
+
+BOARDS = {
+    spec.name: spec
+    for spec in (
+        # Lattice LFE5U-85F: 83,640 LUT4, 156 18x18 multipliers, 208 EBR of 18 Kbit
+        BoardSpec("ulx3s-85f", "ecp5", "LFE5U-85F", "CABGA381", 83_640, 83_640, 156, 208 * 18_432, 0, 25.0, "yowasp"),
+        # Lattice iCE40UP5K: 5,280 LUT4, 8 SB_MAC16, 30 EBR of 4 Kbit, 4 SPRAM of 256 Kbit
+        BoardSpec("icebreaker", "ice40", "iCE40UP5K", "SG48", 5_280, 5_280, 8, 30 * 4_096, 4 * 262_144, 12.0, "yowasp"),
+        # Xilinx XC7A35T: 20,800 LUT6, 41,600 FF, 90 DSP48E1, 50 BRAM36
+        BoardSpec("arty-a7-35", "xc7", "XC7A35T", "CSG324", 20_800, 41_600, 90, 50 * 36_864, 0, 100.0, "vendor"),
+    )
+}
+
+
+def get_board(name):
+    """The :class:`BoardSpec` called ``name``; an unknown name is an error listing the known ones."""
+    try:
+        return BOARDS[name]
+    except KeyError:
+        raise UserError(f"unknown board {name!r}; known boards: {', '.join(BOARDS)}") from None
