@@ -1,0 +1,1 @@
+"""Host side: device driver, Verilator harness launcher, offload plugin (planned)."""

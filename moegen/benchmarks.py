@@ -1,0 +1,41 @@
+"""``moegen bench NAME``: benchmarks live in ``bench/`` (package ``moegen.bench``).
+
+A benchmark module defines ``DESCRIPTION`` (one line), ``add_arguments(parser)`` and
+``run(args) -> dict``: the figures, JSON-serializable, ratios side by side. The CLI prints
+them as an indented table, or with ``--json`` as one JSON object.
+"""
+
+import importlib
+import pkgutil
+
+from .errors import UserError
+
+__all__ = ["available", "format_table", "load"]
+
+
+def available():
+    """Names of the benchmarks in ``moegen.bench``."""
+    from . import bench
+
+    return sorted(info.name for info in pkgutil.iter_modules(bench.__path__) if not info.name.startswith("_"))
+
+
+def load(name):
+    """The benchmark module ``name``; an unknown name is an error listing the known ones."""
+    if name not in available():
+        raise UserError(f"unknown benchmark {name!r}; known benchmarks: {', '.join(available())}")
+    return importlib.import_module(f"moegen.bench.{name}")
+
+
+def format_table(figures, indent=0):
+    """Figures as aligned ``key  value`` lines, nested dicts indented under their key."""
+    width = max((len(str(key)) for key in figures), default=0)
+    lines = []
+    for key, value in figures.items():
+        if isinstance(value, dict):
+            lines.append(" " * indent + f"{key}:")
+            lines += format_table(value, indent + 2)
+        else:
+            shown = f"{value:.6g}" if isinstance(value, float) else str(value)
+            lines.append(" " * indent + f"{key:<{width}}  {shown}")
+    return lines
