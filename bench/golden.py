@@ -10,6 +10,7 @@ def add_arguments(parser):
 
 def _router_errors(tokens, generator):
     import torch
+
     from moegen.golden.router import MODES, SIGMOID_BOUND_MIN_SUM, quantize_logits, route, route_float
 
     out = {}
@@ -35,6 +36,7 @@ def _router_errors(tokens, generator):
 
 def _expert_errors(generator):
     import torch
+
     from moegen.golden.expert import ExpertWeights, expert_float, prune_expert, quantize_expert, run_expert
 
     hidden, ffn = 256, 512
@@ -57,6 +59,7 @@ def run(args):
     import random
 
     import torch
+
     from moegen.golden.formats import ImageLayout
     from moegen.golden.quant import quantize_multiplier
 

@@ -10,9 +10,9 @@ import random
 import cocotb
 import torch
 from cocotb.triggers import ClockCycles
+
 from moegen.golden.quant import MAX_SHIFT, MULT_BITS, requantize
 from moegen.rtl.requant import SHIFT_BITS, requant_input_layout
-
 from moegen.simulation import tb_params, write_tb_report
 
 from .streams import StreamSink, StreamSource, reset, start_clock

@@ -1,5 +1,6 @@
 import pytest
 import torch
+
 from moegen.golden.expert import (
     EXPERT_REL_ERROR_BOUND,
     FACTOR_BITS,

@@ -3,6 +3,7 @@ import zlib
 
 import pytest
 import torch
+
 from moegen.golden.expert import (
     ExpertWeights,
     expert_int,

@@ -1,7 +1,8 @@
 import torch
-from moegen.golden.moe import MoEBlock
 from transformers import MixtralConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+from moegen.golden.moe import MoEBlock
 
 
 def test_matches_hugging_face_mixtral_block():

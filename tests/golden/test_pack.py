@@ -2,6 +2,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+
 from moegen.golden.formats import IMAGE_ALIGN, MatrixLayout, index_bits
 from moegen.golden.pack import PackedMatrix, pack_mn, prune_mn, sparse_matmul, unpack_mn
 from moegen.golden.quant import quantize_symmetric

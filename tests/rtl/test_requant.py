@@ -3,10 +3,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from amaranth import Elaboratable, Module, Signal
+from amaranth.hdl import Assert
 from amaranth.sim import Simulator
+
+from moegen.formal import assert_stream_output, assume_stream_input, reset_at_start, run_bmc
 from moegen.golden.quant import requantize
 from moegen.rtl.requant import Requantizer
-
 from moegen.verify import DEFAULT_PATTERNS, run_block
 
 
@@ -73,3 +76,30 @@ def test_verilog_matches_golden_under_idle_and_backpressure(acc_width, out_width
     (timing,) = [r for r in result.reports if "latency_cycles" in r]
     assert timing["latency_cycles"] == Requantizer.LATENCY
     assert timing["span_cycles"] == timing["beats"]
+
+
+class RequantizerStreamCheck(Elaboratable):
+    """The output keeps the stream rules, and no beat is lost or invented: the count of
+    accepted outputs never exceeds accepted inputs, and never trails them by more than
+    the pipeline depth."""
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.dut = dut = Requantizer(acc_width=6, out_width=3, lanes=1)
+        reset_at_start(m)
+        assume_stream_input(m, dut.i)
+        assert_stream_output(m, dut.o)
+        accepted_in = Signal(8)
+        accepted_out = Signal(8)
+        with m.If(dut.i.valid & dut.i.ready):
+            m.d.sync += accepted_in.eq(accepted_in + 1)
+        with m.If(dut.o.valid & dut.o.ready):
+            m.d.sync += accepted_out.eq(accepted_out + 1)
+        m.d.comb += [Assert(accepted_out <= accepted_in), Assert(accepted_in - accepted_out <= Requantizer.LATENCY)]
+        return m
+
+
+@pytest.mark.formal
+def test_formal_stream_rules_and_beat_conservation():
+    result = run_bmc(RequantizerStreamCheck(), name="requantizer-stream", depth=20)
+    assert result.ok, f"{result.status}: {result.failed} (log {result.log})"
