@@ -39,10 +39,12 @@ __all__ = [
     "QuantizedExpert",
     "expert_float",
     "expert_int",
+    "param_words",
     "prune_expert",
     "quantize_activations",
     "quantize_expert",
     "run_expert",
+    "weight_stream",
 ]
 
 #: Width of the token and channel multiplier factors; their product stays below 2**30.
@@ -178,6 +180,40 @@ def expert_int(x_q, tok_mult, tok_shift, qe):
     a = qe.act_lut[g & ((1 << bits) - 1)]
     h = requantize(a * u, qe.gated_mult, qe.gated_shift, bits)
     return requantize(sparse_matmul(h, qe.down), qe.down_mult, qe.down_shift, bits)
+
+
+def param_words(qe):
+    """The expert's parameters as 32-bit words, in the image's params order and the order
+    the expert engine loads them: ``ffn`` gate channel factors, ``ffn`` up, ``hidden`` down
+    (each ``mult | shift << 16``), the gated multiply's ``mult`` and ``shift``, then the
+    activation table, four entries per word (entry ``4w + b`` in byte ``b``, two's
+    complement)."""
+    factors = [getattr(qe, f"{name}_mult") | (getattr(qe, f"{name}_shift") << 16) for name in ("gate", "up", "down")]
+    lut = (qe.act_lut & 0xFF).reshape(-1, 4) << torch.tensor([0, 8, 16, 24])
+    return [*torch.cat(factors).tolist(), qe.gated_mult, qe.gated_shift, *lut.sum(-1).tolist()]
+
+
+def weight_stream(qe, tokens, rows):
+    """Step records in the order the expert engine consumes them, for ``tokens`` tokens on
+    an array of ``rows`` token lanes (``token_tiles = ceil(tokens / rows)``)::
+
+        for j in ffn tiles:
+            gate tile j, token_tiles times
+            up tile j, token_tiles times
+        for i in hidden tiles:
+            down tile i, token_tiles times
+
+    Each tile is its ``groups`` step records. The loader produces exactly this stream,
+    replaying a tile from its on-chip bank for every token tile.
+    """
+    token_tiles = -(-tokens // rows)
+    gate, up, down = (matrix.step_records() for matrix in (qe.gate, qe.up, qe.down))
+    stream = []
+    for j in range(len(gate)):
+        stream += gate[j] * token_tiles + up[j] * token_tiles
+    for tile in down:
+        stream += tile * token_tiles
+    return stream
 
 
 def run_expert(x, qe):

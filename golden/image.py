@@ -48,7 +48,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .expert import QuantizedExpert
+from .expert import QuantizedExpert, param_words
 from .formats import HEADER_SIZE, ImageLayout
 from .pack import PackedMatrix
 
@@ -98,12 +98,9 @@ class ImageHeader:
     layout: ImageLayout
 
 
-def _params_words(qe):
-    factors = [
-        getattr(qe, f"{name}_mult") | (getattr(qe, f"{name}_shift") << 16) for name in ("gate", "up", "down")
-    ]
-    words = torch.cat([*factors, torch.tensor([qe.gated_mult, qe.gated_shift])]).numpy().astype("<u4")
-    return words.tobytes() + struct.pack("<f", qe.out_scale)
+def _params_section(qe):
+    words = param_words(qe)[: 2 * qe.ffn + qe.hidden + 2]  # the table has its own section
+    return np.array(words, dtype="<u4").tobytes() + struct.pack("<f", qe.out_scale)
 
 
 def write_image(qe, *, config_hash, expert_id, layer=0):
@@ -118,7 +115,7 @@ def write_image(qe, *, config_hash, expert_id, layer=0):
             raise ValueError(f"{name} must be an integer in 0..{hi - 1}, not {value!r}")
     offsets = lay.offsets
     image = bytearray(lay.nbytes)
-    sections = [qe.gate.to_bytes(), qe.up.to_bytes(), qe.down.to_bytes(), _params_words(qe),
+    sections = [qe.gate.to_bytes(), qe.up.to_bytes(), qe.down.to_bytes(), _params_section(qe),
                 (qe.act_lut.numpy() & 0xFF).astype(np.uint8).tobytes()]
     for start, data in zip(offsets, sections, strict=False):
         image[start : start + len(data)] = data

@@ -25,7 +25,6 @@ The packed layout is the contract between the host, the loader and the array.
 """
 
 from dataclasses import dataclass
-from functools import cached_property
 
 import numpy as np
 import torch
@@ -99,14 +98,16 @@ class PackedMatrix:
             and torch.equal(self.indices, other.indices)
         )
 
-    @cached_property
-    def _step_bit_positions(self):
-        """For one step: (bit offset of each value, bit offset of each index), pair order."""
+    def step_records(self):
+        """Step records as integers (the little-endian bit vectors), ``[tiles][groups]``:
+        what the array receives per step."""
         lay = self.layout
-        pairs = lay.cols * lay.m
-        value_at = np.arange(pairs) * lay.value_bits
-        index_at = pairs * lay.value_bits + np.arange(pairs) * lay.index_bits
-        return value_at, index_at
+        data = self.to_bytes()
+        return [
+            [int.from_bytes(data[t * lay.tile_stride + g * lay.step_bytes :][: lay.step_bytes], "little")
+             for g in range(lay.groups)]
+            for t in range(lay.tiles)
+        ]
 
     def to_bytes(self):
         """Serialize in stream order; tiles padded to ``tile_stride`` with zero bytes."""

@@ -7,10 +7,12 @@ from moegen.golden.expert import (
     ExpertWeights,
     expert_float,
     expert_int,
+    param_words,
     prune_expert,
     quantize_activations,
     quantize_expert,
     run_expert,
+    weight_stream,
 )
 from moegen.golden.pack import sparse_matmul, unpack_mn
 from moegen.golden.quant import requantize
@@ -84,3 +86,34 @@ def test_shapes_are_checked():
     weights = random_expert(16, 32, 3)
     with pytest.raises(ValueError, match="nonzeros"):
         quantize_expert(weights, torch.randn(8, 16), m=2, n=4, cols=2)  # not pruned
+
+
+def test_weight_stream_order_replays_each_tile_per_token_tile():
+    weights = prune_expert(random_expert(12, 20, 5), 2, 4)
+    qe = quantize_expert(weights, torch.randn(32, 12), m=2, n=4, cols=8)  # ffn 20 -> 3 tiles, hidden 12 -> 2
+    gate, up, down = (m.step_records() for m in (qe.gate, qe.up, qe.down))
+    stream = weight_stream(qe, tokens=5, rows=2)  # 3 token tiles
+    expected = []
+    for j in range(3):
+        expected += gate[j] * 3 + up[j] * 3
+    for i in range(2):
+        expected += down[i] * 3
+    assert stream == expected
+    assert len(stream) == 3 * (3 * 2 * qe.gate.layout.groups + 2 * qe.down.layout.groups)
+    single = [r for j in range(3) for r in gate[j] + up[j]] + [r for tile in down for r in tile]
+    assert weight_stream(qe, tokens=2, rows=2) == single
+
+
+def test_param_words_pack_factors_gated_and_table():
+    qe = quantize_expert(random_expert(8, 12, 6), torch.randn(16, 8), m=4, n=4, cols=4)
+    words = param_words(qe)
+    assert len(words) == 2 * 12 + 8 + 2 + 256 // 4
+    assert words[0] == int(qe.gate_mult[0]) | int(qe.gate_shift[0]) << 16
+    assert words[12] == int(qe.up_mult[0]) | int(qe.up_shift[0]) << 16
+    assert words[24 + 7] == int(qe.down_mult[7]) | int(qe.down_shift[7]) << 16
+    assert words[32:34] == [qe.gated_mult, qe.gated_shift]
+    table = words[34:]
+    for code in (0, 1, 127, 128, 255):
+        entry = (table[code // 4] >> (8 * (code % 4))) & 0xFF
+        assert entry - 256 * (entry >> 7) == int(qe.act_lut[code])
+    assert all(0 <= w < 1 << 32 for w in words)

@@ -115,3 +115,18 @@ def test_packed_matrix_refuses_unsorted_or_out_of_range_indices():
     corrupted[2] = 0b0111  # indices 3, 1: descending
     with pytest.raises(ValueError, match="ascending"):
         PackedMatrix.from_bytes(good.layout, bytes(corrupted))
+
+
+@given(sparse_int_matrices())
+def test_step_records_are_the_serialized_steps(case):
+    q, m, n, cols, bits = case
+    packed = pack_mn(q, m, n, cols, value_bits=bits)
+    lay = packed.layout
+    records = packed.step_records()
+    assert len(records) == lay.tiles and all(len(tile) == lay.groups for tile in records)
+    data = packed.to_bytes()
+    for t, tile in enumerate(records):
+        for g, record in enumerate(tile):
+            start = t * lay.tile_stride + g * lay.step_bytes
+            assert record.to_bytes(lay.step_bytes, "little") == data[start : start + lay.step_bytes]
+            assert record < 1 << lay.step_bits
