@@ -128,8 +128,12 @@ def write_image(qe, *, config_hash, expert_id, layer=0):
     return bytes(image)
 
 
-def read_header(data, *, config_hash=None, expert_id=None):
-    """Check and parse the header of ``data`` (which may hold only the header)."""
+def read_header(data, *, config_hash=None, expert_id=None, layout=None):
+    """Check and parse the header of ``data`` (which may hold only the header).
+
+    ``layout``, when given, is the only :class:`ImageLayout` accepted (a device runs images of
+    its own shapes only); another is refused with ``BAD_SHAPE``.
+    """
     if len(data) < HEADER_SIZE:
         raise ImageError(ImageErrorCode.TRUNCATED, f"image has {len(data)} bytes, the header alone needs {HEADER_SIZE}")
     fields = _HEADER.unpack_from(data)
@@ -155,15 +159,17 @@ def read_header(data, *, config_hash=None, expert_id=None):
     if tuple(offsets) != expected:
         raise ImageError(ImageErrorCode.BAD_SHAPE,
                          f"section offsets {tuple(offsets)} do not match shapes (expected {expected})")
+    if layout is not None and lay != layout:
+        raise ImageError(ImageErrorCode.BAD_SHAPE, f"image shapes {lay} differ from this device's {layout}")
     return ImageHeader(image_hash, image_expert, layer, lay), payload_crc
 
 
-def read_image(data, *, config_hash=None, expert_id=None):
+def read_image(data, *, config_hash=None, expert_id=None, layout=None):
     """Check and parse image bytes; returns ``(ImageHeader, QuantizedExpert)``.
 
-    ``config_hash`` and ``expert_id``, when given, must match the header.
+    ``config_hash``, ``expert_id`` and ``layout``, when given, must match the header.
     """
-    header, payload_crc = read_header(data, config_hash=config_hash, expert_id=expert_id)
+    header, payload_crc = read_header(data, config_hash=config_hash, expert_id=expert_id, layout=layout)
     lay = header.layout
     if len(data) < lay.nbytes:
         raise ImageError(ImageErrorCode.TRUNCATED, f"image has {len(data)} bytes, its header says {lay.nbytes}")

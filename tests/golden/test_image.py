@@ -93,3 +93,17 @@ def test_writer_checks_ids(expert):
         write_image(expert, config_hash=HASH, expert_id=1 << 16)
     with pytest.raises(ValueError, match="config_hash"):
         write_image(expert, config_hash=-1, expert_id=0)
+
+
+def test_a_device_layout_refuses_images_of_other_shapes(expert, image):
+    own = ImageLayout(24, 40, 3, 2, 4)
+    header, _ = read_image(image, config_hash=HASH, expert_id=5, layout=own)
+    assert header.layout == own
+    for other in (ImageLayout(24, 40, 4, 2, 4), ImageLayout(24, 40, 3, 1, 4), ImageLayout(24, 40, 3, 2, 4, 8, 6)):
+        with pytest.raises(ImageError, match="differ from this device's") as info:
+            read_image(image, config_hash=HASH, expert_id=5, layout=other)
+        assert info.value.code == ImageErrorCode.BAD_SHAPE
+    # the expert id is checked before the shapes, as in the loader
+    with pytest.raises(ImageError) as info:
+        read_image(image, config_hash=HASH, expert_id=6, layout=ImageLayout(24, 40, 4, 2, 4))
+    assert info.value.code == ImageErrorCode.EXPERT_MISMATCH

@@ -1,0 +1,370 @@
+"""Device memory: the burst read port the loader reads images through, a simulation model with
+configurable latency and bandwidth, and a block-RAM memory for boards.
+
+The burst read port (:func:`burst_read_signature`, seen from the requester) has two streams:
+
+* ``req``: a burst request, ``addr`` (a word address; a word is ``port_width`` bits) and
+  ``beats`` (``1..burst_len`` consecutive words);
+* ``data``: the words, in request order, ``beats`` per request.
+
+A memory accepts requests while it has room for them (``outstanding`` of them wait or are
+being served); the requester limits how many it has in flight. Both memories here also have
+a word write port (``write``) for the host, and report every accepted write on ``written``
+(the loader forgets the images it verified when their bytes change).
+"""
+
+from fractions import Fraction
+
+from amaranth import Array, Module, Mux, Signal, unsigned
+from amaranth.lib import data, stream, wiring
+from amaranth.lib.fifo import SyncFIFO
+from amaranth.lib.memory import Memory
+from amaranth.lib.wiring import In, Out
+
+from .params import check_int, reject
+
+__all__ = [
+    "BlockRAMMemory",
+    "BurstArbiter",
+    "SimulatedMemory",
+    "burst_read_signature",
+    "word_addr_width",
+    "write_layout",
+    "written_signature",
+]
+
+#: The fewest cycles from an accepted request to its first word: the request queue's
+#: register and the block RAM's registered read.
+MIN_LATENCY = 2
+#: Width of the simulation model's cycle counter (request due times wrap with it).
+NOW_WIDTH = 32
+
+
+def word_addr_width(size_bytes, port_width):
+    """Bits of a word address into ``size_bytes`` of memory read ``port_width`` bits at a time."""
+    return max(1, (size_bytes // (port_width // 8) - 1).bit_length())
+
+
+def burst_read_signature(*, addr_width, data_width, burst_len):
+    """The burst read port, from the requester's side (a memory takes it flipped)."""
+    request = data.StructLayout({"addr": unsigned(addr_width), "beats": unsigned(burst_len.bit_length())})
+    return wiring.Signature({
+        "req": Out(stream.Signature(request)),
+        "data": In(stream.Signature(data_width)),
+    })
+
+
+def written_signature(addr_width):
+    """A write notice, from the memory's side: ``valid`` in every cycle a word is written,
+    with its word ``addr``."""
+    return wiring.Signature({"valid": Out(1), "addr": Out(unsigned(addr_width))})
+
+
+def write_layout(addr_width, data_width):
+    """Payload of a memory's ``write`` stream: one whole word at a word address."""
+    return data.StructLayout({"addr": unsigned(addr_width), "data": unsigned(data_width)})
+
+
+def _check_geometry(component, size_bytes, port_width, burst_len, outstanding):
+    if port_width not in (8, 16, 32, 64, 128, 256, 512):
+        reject(component, f"port_width must be one of 8, 16, 32, 64, 128, 256, 512, not {port_width!r}")
+    check_int(component, "size_bytes", size_bytes, port_width // 8, 1 << 32)
+    if size_bytes % (port_width // 8):
+        reject(component, f"size_bytes must be a multiple of the port's {port_width // 8} bytes, not {size_bytes}")
+    check_int(component, "burst_len", burst_len, 1, 256)
+    check_int(component, "outstanding", outstanding, 1, 16)
+
+
+class _BurstMemory(wiring.Component):
+    """Storage, write port and in-order burst reads; the subclasses choose the timing."""
+
+    def __init__(self, *, size_bytes, port_width, burst_len, outstanding, latency, jitter, bandwidth, seed):
+        self.size_bytes = size_bytes
+        self.port_width = port_width
+        self.burst_len = burst_len
+        self.outstanding = outstanding
+        self.latency = latency
+        self.jitter = jitter
+        self.bandwidth = bandwidth
+        self.seed = seed
+        self.words = size_bytes // (port_width // 8)
+        self.addr_width = word_addr_width(size_bytes, port_width)
+        super().__init__({
+            "read": In(burst_read_signature(addr_width=self.addr_width, data_width=port_width, burst_len=burst_len)),
+            "write": In(stream.Signature(write_layout(self.addr_width, port_width))),
+            "written": Out(written_signature(self.addr_width)),
+        })
+        #: The words (a simulator or a testbench may read and preload them).
+        self.storage = Memory(shape=self.port_width, depth=self.words, init=[])
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.storage = storage = self.storage
+        write = storage.write_port()
+        read = storage.read_port()
+
+        m.d.comb += [
+            self.write.ready.eq(1),
+            write.addr.eq(self.write.payload.addr),
+            write.data.eq(self.write.payload.data),
+            write.en.eq(self.write.valid),
+            self.written.valid.eq(self.write.valid),
+            self.written.addr.eq(self.write.payload.addr),
+        ]
+
+        timed = self.latency > MIN_LATENCY or self.jitter > 0
+        fields = {"addr": unsigned(self.addr_width), "beats": unsigned(self.burst_len.bit_length())}
+        if timed:
+            fields["due"] = unsigned(NOW_WIDTH)
+        entry = data.StructLayout(fields)
+        m.submodules.queue = queue = SyncFIFO(width=entry.size, depth=self.outstanding)
+        head = data.View(entry, queue.r_data)
+        request = self.read.req.payload
+        incoming = Signal(entry)
+        m.d.comb += [
+            self.read.req.ready.eq(queue.w_rdy),
+            queue.w_en.eq(self.read.req.valid),
+            queue.w_data.eq(incoming),
+            incoming.addr.eq(request.addr),
+            incoming.beats.eq(request.beats),
+        ]
+
+        due = Signal()  # the head request's first word may be read now
+        if timed:
+            now = Signal(NOW_WIDTH)
+            m.d.sync += now.eq(now + 1)
+            delay = Signal(NOW_WIDTH)
+            if self.jitter:
+                lfsr = Signal(32, init=self.seed)
+                with m.If(self.read.req.valid & self.read.req.ready):
+                    # Galois LFSR, x^32 + x^22 + x^2 + x + 1
+                    m.d.sync += lfsr.eq(Mux(lfsr[0], (lfsr >> 1) ^ 0x80200003, lfsr >> 1))
+                m.d.comb += delay.eq(self.latency - 1 + lfsr % (self.jitter + 1))
+            else:
+                m.d.comb += delay.eq(self.latency - 1)
+            m.d.comb += incoming.due.eq(now + delay)
+            # wrap-safe now >= due: a request is never due more than 2**31 cycles ago
+            m.d.comb += due.eq(~(now - head.due)[NOW_WIDTH - 1])
+        else:
+            m.d.comb += due.eq(1)
+
+        credit_ok = Signal()
+        spend = Signal()
+        if self.bandwidth < 1:
+            num, den = self.bandwidth.numerator, self.bandwidth.denominator
+            credit = Signal(range(den + 1), init=den)
+            m.d.comb += credit_ok.eq(credit + num >= den)
+            with m.If(spend):
+                m.d.sync += credit.eq(credit + num - den)
+            with m.Else():
+                m.d.sync += credit.eq(Mux(credit + num > den, den, credit + num))
+        else:
+            m.d.comb += credit_ok.eq(1)
+
+        beat = Signal(range(max(self.burst_len, 2)))
+        out_valid = Signal()
+        free = ~out_valid | self.read.data.ready
+        m.d.comb += spend.eq(queue.r_rdy & due & credit_ok & free)
+        m.d.comb += [
+            read.addr.eq(head.addr + beat),
+            read.en.eq(spend),
+            self.read.data.valid.eq(out_valid),
+            self.read.data.payload.eq(read.data),
+        ]
+        with m.If(spend):
+            m.d.sync += out_valid.eq(1)
+            with m.If(beat == head.beats - 1):
+                m.d.comb += queue.r_en.eq(1)
+                m.d.sync += beat.eq(0)
+            with m.Else():
+                m.d.sync += beat.eq(beat + 1)
+        with m.Elif(self.read.data.ready):
+            m.d.sync += out_valid.eq(0)
+        return m
+
+
+class BlockRAMMemory(_BurstMemory):
+    """Device memory in block RAM, for boards whose images fit on chip.
+
+    One simple dual-port RAM of ``port_width``-bit words: the write port is the host's, the
+    read port serves bursts in order at one word per cycle. The first word of a burst comes
+    :data:`MIN_LATENCY` cycles after its request is accepted (when the previous burst is done);
+    a stalled ``data`` stream holds the word and the memory.
+
+    Parameters
+    ----------
+    size_bytes : int
+        Capacity, a multiple of the port's bytes.
+    port_width : int
+        Bits per word: 8, 16, ..., 512.
+    burst_len : int
+        Largest burst in words, 1..256.
+    outstanding : int
+        Requests queued or being served at once, 1..16.
+
+    Members
+    -------
+    read : ``In(burst_read_signature(...))``
+        Burst requests in, words out.
+    write : ``In(stream.Signature(write_layout(...)))``
+        Word writes; always ready.
+    written : ``Out(written_signature(addr_width))``
+        The word address of every accepted write, in the cycle it is written.
+    """
+
+    def __init__(self, *, size_bytes, port_width, burst_len=16, outstanding=2):
+        _check_geometry(self, size_bytes, port_width, burst_len, outstanding)
+        super().__init__(size_bytes=size_bytes, port_width=port_width, burst_len=burst_len, outstanding=outstanding,
+                         latency=MIN_LATENCY, jitter=0, bandwidth=Fraction(1), seed=1)
+
+    @classmethod
+    def from_config(cls, config):
+        mem = config.memory
+        return cls(size_bytes=mem.size_bytes, port_width=mem.port_width, burst_len=mem.burst_len,
+                   outstanding=mem.outstanding)
+
+
+class SimulatedMemory(_BurstMemory):
+    """Device memory for simulation, with a configurable latency and bandwidth.
+
+    It behaves like :class:`BlockRAMMemory` (the same ports, in-order bursts) and adds the
+    timing of an external memory: a request accepted in cycle ``c`` has its first word in
+    cycle ``c + latency + j`` at the earliest, with ``j`` drawn uniformly from ``0..jitter``
+    per request (a 32-bit LFSR seeded with ``seed``), and words leave at no more than
+    ``bandwidth`` words per cycle on average. Requests queue while earlier ones are served, so
+    a requester that keeps ``outstanding`` bursts in flight hides the latency.
+
+    Parameters
+    ----------
+    size_bytes, port_width, burst_len, outstanding : int
+        As for :class:`BlockRAMMemory`.
+    latency : int
+        Cycles from an accepted request to its first word, 0..1024; values below
+        :data:`MIN_LATENCY` behave as :data:`MIN_LATENCY` (the registered block-RAM read).
+    jitter : int
+        Largest random extra latency per request, 0..1024.
+    bandwidth : Fraction, int or float
+        Words per cycle, in (0, 1]; a float is rounded to a fraction with a denominator of
+        at most 256.
+    seed : int
+        Nonzero LFSR seed, 1..2**32-1.
+
+    Members
+    -------
+    read, write, written
+        As for :class:`BlockRAMMemory`.
+    """
+
+    def __init__(self, *, size_bytes, port_width, burst_len=16, outstanding=2, latency=16, jitter=0, bandwidth=1,
+                 seed=1):
+        _check_geometry(self, size_bytes, port_width, burst_len, outstanding)
+        check_int(self, "latency", latency, 0, 1024)
+        check_int(self, "jitter", jitter, 0, 1024)
+        check_int(self, "seed", seed, 1, (1 << 32) - 1)
+        if isinstance(bandwidth, bool) or not isinstance(bandwidth, (int, float, Fraction)):
+            reject(self, f"bandwidth must be a number in (0, 1], not {bandwidth!r}")
+        rate = Fraction(bandwidth).limit_denominator(256)
+        if not 0 < rate <= 1:
+            reject(self, f"bandwidth must be a number in (0, 1] words per cycle, not {bandwidth!r}")
+        super().__init__(size_bytes=size_bytes, port_width=port_width, burst_len=burst_len, outstanding=outstanding,
+                         latency=max(latency, MIN_LATENCY), jitter=jitter, bandwidth=rate, seed=seed)
+
+    @classmethod
+    def from_config(cls, config, **overrides):
+        """The memory of ``config`` (its latency); ``overrides`` set any other parameter."""
+        mem = config.memory
+        params = {"size_bytes": mem.size_bytes, "port_width": mem.port_width, "burst_len": mem.burst_len,
+                  "outstanding": mem.outstanding, "latency": mem.latency, **overrides}
+        return cls(**params)
+
+
+class BurstArbiter(wiring.Component):
+    """Shares one burst read port among ``clients`` requesters, lower index first.
+
+    A request is passed through in the cycle it is offered (no added latency) when the port
+    has fewer than ``outstanding`` bursts in flight, counting one that completes in that
+    cycle; while a passed request waits for ``mem.req.ready`` the grant is held, so the port
+    keeps the stream rules. Words return to the client whose burst they belong to, in order.
+
+    Parameters
+    ----------
+    clients : int
+        Requesters, 1..8.
+    addr_width, data_width : int
+        Of the port (word address bits, word bits).
+    burst_len : int
+        Largest burst, 1..256.
+    outstanding : int
+        Bursts the port may have in flight, 1..16.
+
+    Members
+    -------
+    clients : ``In(burst_read_signature(...)).array(clients)``
+        The requesters' ports.
+    mem : ``Out(burst_read_signature(...))``
+        The shared port.
+    in_flight : ``Out(range(outstanding + 1))``
+        Bursts accepted and not yet complete.
+    """
+
+    def __init__(self, *, clients, addr_width, data_width, burst_len, outstanding):
+        check_int(self, "clients", clients, 1, 8)
+        check_int(self, "addr_width", addr_width, 1, 32)
+        check_int(self, "data_width", data_width, 1, 4096)
+        check_int(self, "burst_len", burst_len, 1, 256)
+        check_int(self, "outstanding", outstanding, 1, 16)
+        self.count = clients
+        self.burst_len = burst_len
+        self.outstanding = outstanding
+        port = burst_read_signature(addr_width=addr_width, data_width=data_width, burst_len=burst_len)
+        super().__init__({
+            "clients": In(port).array(clients),
+            "mem": Out(port),
+            "in_flight": Out(range(outstanding + 1)),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        route_layout = data.StructLayout({"client": unsigned(max(1, (self.count - 1).bit_length())),
+                                          "beats": unsigned(self.burst_len.bit_length())})
+        # one spare entry: a burst may be accepted in the cycle the oldest one completes
+        m.submodules.routes = routes = SyncFIFO(width=route_layout.size, depth=self.outstanding + 1)
+        route = data.View(route_layout, routes.r_data)
+        beat = Signal(range(max(self.burst_len, 2)))
+        done = Signal()
+        owner = route.client
+        delivered = self.mem.data.valid & routes.r_rdy
+        m.d.comb += [
+            self.in_flight.eq(routes.level),
+            self.mem.data.ready.eq(Array(c.data.ready for c in self.clients)[owner]),
+            done.eq(delivered & self.mem.data.ready & (beat == route.beats - 1)),
+            routes.r_en.eq(done),
+        ]
+        for index, client in enumerate(self.clients):
+            m.d.comb += [client.data.valid.eq(delivered & (owner == index)),
+                         client.data.payload.eq(self.mem.data.payload)]
+        with m.If(delivered & self.mem.data.ready):
+            m.d.sync += beat.eq(Mux(done, 0, beat + 1))
+
+        held = Signal()  # a passed request waits for the port; keep its grant
+        held_client = Signal(route_layout.members["client"])
+        room = (routes.level - done) < self.outstanding
+        grant = Signal(route_layout.members["client"])
+        for index in reversed(range(self.count)):
+            with m.If(self.clients[index].req.valid):
+                m.d.comb += grant.eq(index)
+        with m.If(held):
+            m.d.comb += grant.eq(held_client)
+        offered = Array(c.req.valid for c in self.clients)[grant]
+        m.d.comb += [
+            self.mem.req.valid.eq(held | (offered & room)),
+            self.mem.req.payload.eq(Array(c.req.payload.as_value() for c in self.clients)[grant]),
+        ]
+        accepted = self.mem.req.valid & self.mem.req.ready
+        for index, client in enumerate(self.clients):
+            m.d.comb += client.req.ready.eq(accepted & (grant == index))
+        m.d.sync += [held.eq(self.mem.req.valid & ~self.mem.req.ready), held_client.eq(grant)]
+        new_route = data.View(route_layout, routes.w_data)
+        m.d.comb += [routes.w_en.eq(accepted), new_route.client.eq(grant),
+                     new_route.beats.eq(self.mem.req.payload.beats)]
+        return m

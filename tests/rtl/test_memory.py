@@ -1,0 +1,237 @@
+import random
+from fractions import Fraction
+
+import pytest
+from amaranth import Elaboratable, Module, Signal
+from amaranth.hdl import Assert, Assume
+from amaranth.sim import Simulator
+
+from moegen.boards.synth import synthesize
+from moegen.formal import assert_stream_output, assume_stream_input, free, reset_at_start, run_bmc
+from moegen.rtl.memory import MIN_LATENCY, BlockRAMMemory, BurstArbiter, SimulatedMemory
+
+
+def _pattern(word, width):
+    return (word * 0x9E3779B97F4A7C15 + 0x1234567) % (1 << width)
+
+
+def _run_memory(dut, requests, *, words=64, stall=0.0, seed=0, cycles=3000):
+    """Write ``words`` pattern words, then offer ``requests`` (addr, beats) back to back;
+    returns (accepted cycle per request, [(cycle, word)] of the data, written notices)."""
+    rng = random.Random(seed)
+    width = dut.port_width
+    accepted, beats, notices = [], [], []
+
+    async def writer(ctx):
+        for word in range(words):
+            ctx.set(dut.write.payload.addr, word)
+            ctx.set(dut.write.payload.data, _pattern(word, width))
+            ctx.set(dut.write.valid, 1)
+            *_, ready, valid, addr = await ctx.tick().sample(dut.write.ready, dut.written.valid, dut.written.addr)
+            assert ready
+            notices.append(addr if valid else None)
+        ctx.set(dut.write.valid, 0)
+        for addr, n in requests:
+            ctx.set(dut.read.req.payload.addr, addr)
+            ctx.set(dut.read.req.payload.beats, n)
+            ctx.set(dut.read.req.valid, 1)
+            await ctx.tick().until(dut.read.req.ready)
+        ctx.set(dut.read.req.valid, 0)
+
+    async def reader(ctx):
+        # one process observes both ports, so acceptance and word cycles share a clock count
+        held = None
+        cycle = 0
+        while True:
+            ready = rng.random() >= stall
+            ctx.set(dut.read.data.ready, ready)
+            _, _, valid, payload, req_valid, req_ready = await ctx.tick().sample(
+                dut.read.data.valid, dut.read.data.payload, dut.read.req.valid, dut.read.req.ready)
+            if req_valid and req_ready:
+                accepted.append(cycle)
+            if held is not None:
+                assert valid and payload == held, "a stalled word changed or vanished"
+            held = payload if valid and not ready else None
+            if valid and ready:
+                beats.append((cycle, payload))
+            cycle += 1
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-8)
+    sim.add_testbench(writer)
+    sim.add_testbench(reader, background=True)
+    sim.run_until(cycles * 1e-8)
+    return accepted, beats, notices
+
+
+def _expected(requests, width):
+    return [_pattern(addr + i, width) for addr, n in requests for i in range(n)]
+
+
+def test_simulated_memory_first_word_comes_latency_cycles_after_the_request():
+    dut = SimulatedMemory(size_bytes=1024, port_width=32, burst_len=4, outstanding=2, latency=7)
+    requests = [(3, 4), (40, 1)]
+    accepted, beats, notices = _run_memory(dut, requests, cycles=200)
+    assert notices == list(range(64))
+    assert [w for _, w in beats] == _expected(requests, 32)
+    assert beats[0][0] - accepted[0] == 7
+    # the second burst was accepted while the first waited: it follows at one word per cycle
+    assert [c for c, _ in beats] == list(range(beats[0][0], beats[0][0] + 5))
+
+
+def test_latency_below_the_block_ram_floor_behaves_as_the_floor():
+    dut = SimulatedMemory(size_bytes=256, port_width=16, burst_len=2, latency=0)
+    accepted, beats, _ = _run_memory(dut, [(5, 2)], cycles=100)
+    assert beats[0][0] - accepted[0] == MIN_LATENCY
+    assert dut.latency == MIN_LATENCY
+
+
+def test_block_ram_memory_streams_queued_bursts_without_bubbles():
+    dut = BlockRAMMemory(size_bytes=512, port_width=64, burst_len=8, outstanding=4)
+    requests = [(0, 8), (20, 3), (9, 8), (63, 1), (30, 5)]
+    accepted, beats, _ = _run_memory(dut, requests, cycles=300)
+    assert [w for _, w in beats] == _expected(requests, 64)
+    assert beats[0][0] - accepted[0] == MIN_LATENCY
+    cycles = [c for c, _ in beats]
+    assert cycles == list(range(cycles[0], cycles[0] + len(cycles)))
+
+
+@pytest.mark.parametrize("rate", [Fraction(1, 3), Fraction(5, 7)])
+def test_bandwidth_limits_words_per_cycle(rate):
+    dut = SimulatedMemory(size_bytes=1024, port_width=32, burst_len=16, outstanding=4, latency=4, bandwidth=rate)
+    requests = [(i * 16 % 240, 16) for i in range(12)]
+    _, beats, _ = _run_memory(dut, requests, words=256, cycles=1500)
+    assert [w for _, w in beats] == _expected(requests, 32)
+    span = beats[-1][0] - beats[0][0]
+    assert (len(beats) - 1) / span == pytest.approx(float(rate), abs=0.02)
+
+
+def test_jitter_draws_latencies_in_range_and_backpressure_holds_words():
+    dut = SimulatedMemory(size_bytes=1024, port_width=8, burst_len=1, outstanding=1, latency=3, jitter=5, seed=77)
+    requests = [(i, 1) for i in range(40)]
+    accepted, beats, _ = _run_memory(dut, requests, stall=0.3, seed=3, cycles=2000)
+    assert [w for _, w in beats] == _expected(requests, 8)
+    # with one request in flight a word's wait is its latency plus the stalls it met
+    waits = [c - a for (c, _), a in zip(beats, accepted, strict=True)]
+    assert min(waits) >= 3
+    unstalled = _run_memory(SimulatedMemory(size_bytes=1024, port_width=8, burst_len=1, outstanding=1, latency=3,
+                                            jitter=5, seed=77), requests, cycles=2000)
+    lat = [c - a for (c, _), a in zip(unstalled[1], unstalled[0], strict=True)]
+    assert set(lat) <= set(range(3, 9)) and len(set(lat)) >= 4
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"port_width": 12}, r"port_width must be one of 8, 16, 32, 64, 128, 256, 512, not 12"),
+    ({"size_bytes": 100}, r"size_bytes must be a multiple of the port's 8 bytes, not 100"),
+    ({"burst_len": 300}, r"burst_len must be an integer in 1\.\.256, not 300"),
+    ({"outstanding": 0}, r"outstanding must be an integer in 1\.\.16, not 0"),
+])
+def test_bad_memory_geometry_is_named(kwargs, match):
+    params = {"size_bytes": 1024, "port_width": 64, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        BlockRAMMemory(**params)
+
+
+def test_arbiter_routes_words_to_their_requesters_in_order():
+    """Two requesters offer random bursts through the arbiter into a jittery memory."""
+
+    class Top(Elaboratable):
+        def __init__(self):
+            self.memory = SimulatedMemory(size_bytes=1024, port_width=32, burst_len=4, outstanding=3, latency=3,
+                                          jitter=4)
+            self.arbiter = BurstArbiter(clients=2, addr_width=self.memory.addr_width, data_width=32, burst_len=4,
+                                        outstanding=3)
+
+        def elaborate(self, platform):
+            from amaranth.lib import wiring
+
+            m = Module()
+            m.submodules.memory, m.submodules.arbiter = self.memory, self.arbiter
+            wiring.connect(m, self.arbiter.mem, self.memory.read)
+            return m
+
+    top = Top()
+    rng = random.Random(5)
+    plans = [[(rng.randrange(200), rng.randrange(1, 5)) for _ in range(25)] for _ in range(2)]
+    got = [[], []]
+    most = [0]
+
+    async def preload(ctx):
+        for word in range(256):
+            ctx.set(top.memory.write.payload.addr, word)
+            ctx.set(top.memory.write.payload.data, _pattern(word, 32))
+            ctx.set(top.memory.write.valid, 1)
+            await ctx.tick()
+        ctx.set(top.memory.write.valid, 0)
+
+    def requester(index):
+        async def run(ctx):
+            client = top.arbiter.clients[index]
+            await ctx.tick().repeat(260)
+            for addr, n in plans[index]:
+                ctx.set(client.req.payload.addr, addr)
+                ctx.set(client.req.payload.beats, n)
+                ctx.set(client.req.valid, 1)
+                await ctx.tick().until(client.req.ready)
+                ctx.set(client.req.valid, 0)
+                if rng.random() < 0.3:
+                    await ctx.tick()
+        return run
+
+    def receiver(index):
+        async def run(ctx):
+            client = top.arbiter.clients[index]
+            ctx.set(client.data.ready, 1)
+            while True:
+                _, _, valid, payload, flight = await ctx.tick().sample(client.data.valid, client.data.payload,
+                                                                       top.arbiter.in_flight)
+                most[0] = max(most[0], flight)
+                if valid:
+                    got[index].append(payload)
+        return run
+
+    sim = Simulator(top)
+    sim.add_clock(1e-8)
+    sim.add_testbench(preload)
+    for index in range(2):
+        sim.add_testbench(requester(index))
+        sim.add_testbench(receiver(index), background=True)
+    sim.run_until(2000e-8)
+    for index in range(2):
+        assert got[index] == _expected(plans[index], 32)
+    assert most[0] == 3
+
+
+class ArbiterStreamCheck(Elaboratable):
+    """The shared port keeps the stream rules whatever the requesters and the memory do,
+    and never has more than ``outstanding`` bursts in flight."""
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.dut = dut = BurstArbiter(clients=3, addr_width=3, data_width=2, burst_len=2, outstanding=2)
+        reset_at_start(m)
+        for index, client in enumerate(dut.clients):
+            assume_stream_input(m, client.req, name=f"req{index}")
+            m.d.comb += [Assume(client.req.payload.beats != 0), client.data.ready.eq(free(1))]
+        assert_stream_output(m, dut.mem.req, name="mem_req")
+        accepted = Signal(range(8))
+        m.d.comb += [dut.mem.data.valid.eq(free(1)), dut.mem.data.payload.eq(free(2)),
+                     Assume(~dut.mem.data.valid | (dut.in_flight != 0)), Assert(dut.in_flight <= 2)]
+        with m.If(dut.mem.req.valid & dut.mem.req.ready):
+            m.d.sync += accepted.eq(accepted + 1)
+        return m
+
+
+@pytest.mark.formal
+def test_formal_arbiter_stream_rules_and_outstanding_limit():
+    result = run_bmc(ArbiterStreamCheck(), name="burst-arbiter", depth=20)
+    assert result.ok, f"{result.status}: {result.failed} (log {result.log})"
+
+
+@pytest.mark.synth
+def test_block_ram_memory_maps_to_block_ram_on_ecp5():
+    use = synthesize(BlockRAMMemory(size_bytes=16384, port_width=64, burst_len=16, outstanding=2),
+                     name="block_ram_memory", family="ecp5")
+    # 16 KiB in 18-kbit DP16KD blocks: at least 8, and no storage left in LUTs or flip-flops
+    assert use.brams >= 8
+    assert use.ffs < 200 and use.luts < 400
