@@ -25,8 +25,36 @@ def _requantizer(config):
     return Requantizer(acc_width=config.array.acc_width, out_width=config.array.act_width, lanes=config.array.cols)
 
 
+def _sparse_systolic_array(config):
+    from .rtl.array import SparseSystolicArray
+
+    a = config.array
+    return SparseSystolicArray(rows=a.rows, cols=a.cols, m=a.m, n=a.n, act_width=a.act_width,
+                               weight_width=a.weight_width, acc_width=a.acc_width)
+
+
+def _expert_engine(config):
+    from .rtl.expert import ExpertEngine
+
+    return ExpertEngine.from_config(config)
+
+
+def _router(config):
+    from .rtl.router import TopKRouter
+
+    return TopKRouter.from_config(config.router)
+
+
+def _expert_loader(config):
+    from .rtl.loader import ExpertLoader
+
+    return ExpertLoader.from_config(config)
+
+
 #: Blocks ``generate`` can emit: name -> function(config) -> Amaranth component.
-BLOCKS = {"requantizer": _requantizer}
+BLOCKS = {"requantizer": _requantizer, "sparse_systolic_array": _sparse_systolic_array,
+          "expert_engine": _expert_engine, "router": _router,
+          "expert_loader": _expert_loader}
 
 
 def stamp(config, what, comment="//"):

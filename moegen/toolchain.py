@@ -26,8 +26,10 @@ from .errors import UserError
 __all__ = ["VERILATOR_LINT_FLAGS", "Verilator", "find_verilator"]
 
 MIN_SYSTEM_VERILATOR = (5, 36)
-#: Lint flags every Verilator build of Amaranth output needs.
-VERILATOR_LINT_FLAGS = ("-Wno-WIDTHEXPAND", "-Wno-WIDTHTRUNC")
+#: Lint flags every Verilator build of Amaranth output needs (FSMs and ``Array`` indexing emit
+#: ``case`` statements over the reachable values only, after a default assignment; zero-width
+#: signals, such as a one-entry FIFO's pointers, come out as ``[-1:0]``).
+VERILATOR_LINT_FLAGS = ("-Wno-WIDTHEXPAND", "-Wno-WIDTHTRUNC", "-Wno-CASEINCOMPLETE", "-Wno-ASCRANGE")
 
 
 @dataclass(frozen=True)
