@@ -27,15 +27,30 @@ def load(name):
     return importlib.import_module(f"moegen.bench.{name}")
 
 
+def _shown(value):
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+def _rows_table(rows, indent):
+    """A list of dicts with the same keys as a table with a header row."""
+    keys = list(rows[0])
+    cells = [keys] + [[_shown(row.get(key, "")) for key in keys] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(keys))]
+    return [" " * indent + "  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)) for row in cells]
+
+
 def format_table(figures, indent=0):
-    """Figures as aligned ``key  value`` lines, nested dicts indented under their key."""
+    """Figures as aligned ``key  value`` lines; nested dicts indent under their key, lists of
+    dicts become tables."""
     width = max((len(str(key)) for key in figures), default=0)
     lines = []
     for key, value in figures.items():
         if isinstance(value, dict):
             lines.append(" " * indent + f"{key}:")
             lines += format_table(value, indent + 2)
+        elif isinstance(value, list) and value and all(isinstance(row, dict) for row in value):
+            lines.append(" " * indent + f"{key}:")
+            lines += _rows_table(value, indent + 2)
         else:
-            shown = f"{value:.6g}" if isinstance(value, float) else str(value)
-            lines.append(" " * indent + f"{key:<{width}}  {shown}")
+            lines.append(" " * indent + f"{key:<{width}}  {_shown(value)}")
     return lines
