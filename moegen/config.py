@@ -29,6 +29,7 @@ __all__ = [
     "PRESETS",
     "AccelConfig",
     "ArrayConfig",
+    "LinkConfig",
     "LoaderConfig",
     "MemoryConfig",
     "ModelConfig",
@@ -37,7 +38,7 @@ __all__ = [
     "load_config",
 ]
 
-SCHEMA = 1
+SCHEMA = 2
 PRESETS = ("default", "tiny", "ulx3s-85f", "icebreaker")
 _POW2_8_TO_512 = (8, 16, 32, 64, 128, 256, 512)
 
@@ -163,6 +164,14 @@ class ModelConfig(_Section):
 
 
 @dataclass(frozen=True)
+class LinkConfig(_Section):
+    max_payload: int = param(1024, lo=64, hi=4096, multiple_of=64, doc="largest request or response payload in bytes")
+    idle_timeout: int = param(1 << 20, lo=1 << 10, hi=1 << 30,
+                              doc="cycles of silence inside a frame before the device drops it")
+    baud: int = param(3_000_000, lo=9600, hi=100_000_000, doc="UART bit rate on boards")
+
+
+@dataclass(frozen=True)
 class TargetConfig(_Section):
     board: str = param("ulx3s-85f", choices=tuple(BOARDS), doc="board the config is built for")
     clock_mhz: float = param(100.0, lo=1.0, hi=1000.0, doc="target clock")
@@ -182,6 +191,7 @@ class AccelConfig(_Section):
     loader: LoaderConfig = field(default_factory=LoaderConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    link: LinkConfig = field(default_factory=LinkConfig)
     target: TargetConfig = field(default_factory=TargetConfig)
 
     def _rules(self):

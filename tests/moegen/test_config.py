@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from moegen.config import PRESETS, AccelConfig, ArrayConfig, load_config
+from moegen.config import PRESETS, SCHEMA, AccelConfig, ArrayConfig, load_config
 from moegen.errors import ConfigError
 
 
@@ -24,7 +24,7 @@ def test_hash_is_sha256_of_the_canonical_json_without_the_name():
     config = load_config("tiny")
     canonical = config.to_dict()
     del canonical["name"]
-    canonical["schema"] = 1
+    canonical["schema"] = SCHEMA
     text = json.dumps(canonical, sort_keys=True, separators=(",", ":"))
     assert config.hash == hashlib.sha256(text.encode()).hexdigest()
     assert dataclasses.replace(config, name="renamed").hash == config.hash
@@ -41,7 +41,7 @@ def _neighbours(field, value):
 def test_every_field_changes_the_hash():
     base = AccelConfig()
     seen = {base.hash}
-    for section in ("router", "array", "loader", "memory", "model", "target"):
+    for section in [f.name for f in dataclasses.fields(base) if dataclasses.is_dataclass(f.type)]:
         sec = getattr(base, section)
         for field in dataclasses.fields(sec):
             for new in _neighbours(field, getattr(sec, field.name)):
@@ -99,6 +99,9 @@ BAD = [
     ("loader: {bank_bytes: 1000}\n", "loader.bank_bytes", "a multiple of 64"),
     ("memory: {size_bytes: 4096}\n", "memory.size_bytes", "cannot hold one expert image"),
     ("memory: {port_width: 48}\n", "memory.port_width", "allowed one of 8, 16, 32, 64, 128, 256, 512"),
+    ("link: {max_payload: 100}\n", "link.max_payload", "a multiple of 64"),
+    ("link: {max_payload: 8192}\n", "link.max_payload", "allowed 64..4096"),
+    ("link: {idle_timeout: 10}\n", "link.idle_timeout", "allowed 1024..1073741824"),
     ("array: {acc_width: 16}\n", "array.acc_width", "16 bits can overflow"),
     ("name: my config!\n", "name", "allowed text matching"),
     (b"name: \xff\xfe\n", "", "cannot read"),

@@ -1,4 +1,4 @@
-from moegen.config import load_config
+from moegen.config import SCHEMA, load_config
 from moegen.generate import stamp
 
 
@@ -8,4 +8,4 @@ def test_stamp_names_version_config_and_hash():
     lines = text.splitlines()
     assert len(lines) == 3 and all(line.startswith("# ") for line in lines)
     assert "block x" in lines[0] and config.hash in lines[1] and f"0x{config.device_hash:08x}" in lines[1]
-    assert '"rows":8' in lines[2] and '"schema":1' in lines[2]
+    assert '"rows":8' in lines[2] and f'"schema":{SCHEMA}' in lines[2]
