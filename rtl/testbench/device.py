@@ -1,0 +1,101 @@
+"""Workloads for the whole device: memory contents and commands, with golden's expectations.
+
+A :class:`Workload` lays out expert images, activation buffers, routing tables and logits in
+device memory, lists commands that use them, and runs them on
+:class:`~moegen.golden.device.DeviceModel` for the expected memory, ``ERROR`` and ``FENCE``.
+Tests of the command processor, of the top on Verilator and of the host driver share it.
+"""
+
+import random
+
+import torch
+
+from ...golden.device import ALIGN, Command, DeviceModel, encode_command, pack_table, route_words, x_words
+from ...golden.expert import quantize_activations
+from ...golden.image import write_image
+from ..expert import activation_words
+from .loader import make_expert
+
+
+def _align(n):
+    return -(-n // ALIGN) * ALIGN
+
+
+class Workload:
+    """Expert runs and routing on ``config``'s device, laid out from address 0.
+
+    Members
+    -------
+    writes : list of (addr, bytes)
+        What the host writes into device memory first.
+    commands : list of list of int
+        Command words, in order.
+    outputs : list of (addr, nbytes)
+        Buffers the commands write (route results, stored accumulators).
+    model : DeviceModel
+        After running everything: the expected device state.
+    """
+
+    def __init__(self, config, *, seed=0, experts=2, runs=3, route_tokens=3, errors=False):
+        rng = random.Random(seed)
+        model = config.model
+        self.config = config
+        self.writes, self.commands, self.outputs = [], [], []
+        cursor = 0
+
+        def place(data):
+            nonlocal cursor
+            addr = cursor
+            self.writes.append((addr, bytes(data)))
+            cursor = _align(cursor + len(data))
+            return addr
+
+        def reserve(nbytes):
+            nonlocal cursor
+            addr = cursor
+            cursor = _align(cursor + nbytes)
+            self.outputs.append((addr, nbytes))
+            return addr
+
+        images = []
+        for e in range(experts):
+            qe = make_expert(config.image_layout, seed * 100 + e)
+            images.append(place(write_image(qe, config_hash=config.device_hash, expert_id=e)))
+        rows_used = min(model.max_tokens, 4)
+        self.commands.append(encode_command(Command.ACC_CLEAR, rows_used))
+        for run in range(runs):
+            tokens = rng.randrange(1, min(model.max_tokens, rows_used) + 1)
+            gen = torch.Generator().manual_seed(seed * 1000 + run)
+            x = torch.randn(tokens, model.hidden, generator=gen) * (1 + torch.rand(tokens, 1, generator=gen))
+            x_q, mult, shift, _ = quantize_activations(x, config.array.act_width)
+            x_addr = place(b"".join(w.to_bytes(4, "little") for w in activation_words(x_q, mult, shift)))
+            rows = rng.sample(range(rows_used), tokens)
+            weights = [rng.randrange(1 << 15) for _ in range(tokens)]
+            table_addr = place(pack_table(rows, weights))
+            expert = rng.randrange(experts)
+            self.commands.append(encode_command(Command.RUN_EXPERT, images[expert], expert | tokens << 16, x_addr,
+                                                table_addr))
+        r = config.router
+        logits = [rng.randrange(-(1 << (r.logit_width - 1)), 1 << (r.logit_width - 1)) & 0xFFFFFFFF
+                  for _ in range(route_tokens * r.experts)]
+        logits_addr = place(b"".join(v.to_bytes(4, "little") for v in logits))
+        for layer in range(min(2, model.layers)):
+            out = reserve(4 * route_tokens * route_words(r.k_max))
+            self.commands.append(encode_command(Command.ROUTE, layer, route_tokens, logits_addr, out))
+        store = reserve(4 * rows_used * model.hidden)
+        self.commands.append(encode_command(Command.ACC_STORE, store, rows_used))
+        self.commands.append(encode_command(Command.FENCE, 0xC0FFEE00 | seed & 0xFF))
+        if errors:
+            self.commands.append(encode_command(Command.RUN_EXPERT, images[0] + 8, 0 | 1 << 16, 0, 0))
+            self.commands.append(encode_command(Command.FENCE, 1))  # discarded
+        self.x_words = x_words(model.hidden)
+        self.end = cursor
+        if cursor > config.memory.size_bytes:
+            raise ValueError(f"workload needs {cursor} bytes, the device has {config.memory.size_bytes}")
+        self.model = DeviceModel(config)
+        for addr, data in self.writes:
+            self.model.mem[addr:addr + len(data)] = data
+        self.model.submit([w for command in self.commands for w in command])
+
+    def expected(self, addr, nbytes):
+        return bytes(self.model.mem[addr:addr + nbytes])
