@@ -33,13 +33,26 @@ Rules (what the device endpoint does, and :class:`LinkModel` defines executably)
   resynchronizes after any garbage. (The RTL endpoint also abandons a frame that stops
   arriving for a configured number of cycles.)
 * Writes are buffered until the CRC has been checked; a corrupt frame never writes.
-* A request with the same sequence number as the previous valid one is a retry: the device
-  answers with the previous response again and does not execute it twice (submitting a
-  command twice would run it twice). Sequence number 0 is never a retry and clears the
-  device's memory of the last request: a host that (re)connects starts with a seq-0 NOP,
-  then counts 1..255, 1, ...
-* Lengths: at most ``max_payload`` bytes; CSR accesses are whole 32-bit words at aligned
-  addresses. Violations answer ``BAD_LENGTH``/``BAD_ADDRESS`` and do nothing.
+* Retries. The device remembers the sequence number, opcode and status of the last request
+  it executed. A request with the same sequence number (not 0) and the same opcode is a
+  retry. A retry of a write (``WRITE_CSR``, ``WRITE_MEM``, ``SUBMIT``) is not executed again
+  (submitting a command twice would run it twice): the device replays the cached response,
+  the remembered status with no payload. A retry of anything else (``NOP``, ``READ_CSR``,
+  ``READ_MEM``, an unknown opcode) is executed again and answered with fresh data, so the
+  device never has to keep a read's payload. Sequence number 0 is never a retry and clears
+  the device's memory of the last request: a host that (re)connects starts with a seq-0
+  NOP, then counts 1..255, 1, ...
+* Lengths: at most ``max_payload`` bytes. CSR accesses are whole 32-bit words at aligned
+  addresses, and every word of the range must be mapped (``csr_mapped``). Memory accesses
+  are whole memory words (``mem_word`` bytes, the memory port's width) at aligned addresses
+  inside the memory. Violations answer ``BAD_LENGTH``/``BAD_ADDRESS`` and do nothing.
+* Checks run in this order; the first that fails gives the status: an unknown opcode
+  (``BAD_OPCODE``); a length above ``max_payload`` (``BAD_LENGTH``); for CSR and SUBMIT
+  requests a length of 0 or not a multiple of 4 (``BAD_LENGTH``), for CSR requests a
+  misaligned address (``BAD_ADDRESS``); for memory requests a length not a multiple of
+  ``mem_word`` (``BAD_LENGTH``), then a misaligned address or a range past the end of memory
+  (``BAD_ADDRESS``); for CSR requests an unmapped word (``BAD_ADDRESS``); for SUBMIT more
+  words than the command queue has room for (``QUEUE_FULL``, nothing pushed).
 """
 
 import enum
@@ -192,61 +205,89 @@ class LinkModel:
     """Executable reference of the device side of the link: requests in, responses out.
 
     ``csr_read(address) -> int``, ``csr_write(address, value)``, ``mem`` (a bytearray) and
-    ``submit(words) -> bool`` (False when the queue is full) are the device behind it.
+    ``submit(words) -> bool`` (False when the queue is full) are the device behind it;
+    ``csr_mapped(address) -> bool`` tells which CSR byte addresses exist (default: all), and
+    ``mem_word`` is the memory word in bytes that memory accesses must be whole multiples of.
+
+    Members
+    -------
+    frames : int
+        Request frames with a good CRC (each was answered: executed, or replayed as a retry).
+    dropped : int
+        Request frames dropped: bad CRC, oversize header, or abandoned by :meth:`timeout`.
     """
 
-    def __init__(self, *, csr_read, csr_write, mem, submit, max_payload):
+    def __init__(self, *, csr_read, csr_write, mem, submit, max_payload, mem_word=1, csr_mapped=None):
+        if type(mem_word) is not int or mem_word < 1:
+            raise ValueError(f"mem_word must be a positive integer, not {mem_word!r}")
         self.csr_read = csr_read
         self.csr_write = csr_write
+        self.csr_mapped = csr_mapped or (lambda address: True)
         self.mem = mem
         self.submit = submit
         self.max_payload = max_payload
+        self.mem_word = mem_word
         self.parser = FrameParser(max_payload=max_payload)
-        self.last = None  # (seq, response bytes) of the last executed request
+        self.frames = 0
+        self.last = None  # (seq, opcode, status) of the last executed request with seq != 0
+
+    @property
+    def dropped(self):
+        return self.parser.dropped
 
     def receive(self, data):
         """Bytes from the host; returns the response bytes to send back."""
         out = b""
         for request in self.parser.feed(data):
-            if self.last and self.last[0] == request.seq:
-                out += self.last[1]
+            self.frames += 1
+            if _writes(request.opcode) and self.last and self.last[:2] == (request.seq, request.opcode):
+                out += encode_response(request.seq, request.opcode, self.last[2])
                 continue
-            response = self._execute(request)
-            self.last = (request.seq, response) if request.seq else None
-            out += response
+            status, payload = self._execute(request)
+            self.last = (request.seq, request.opcode, status) if request.seq else None
+            out += encode_response(request.seq, request.opcode, status, payload)
         return out
 
     def timeout(self):
         self.parser.timeout()
 
-    def _execute(self, r):
-        def answer(status, payload=b""):
-            return encode_response(r.seq, r.opcode, status, payload)
-
+    def _check(self, r):
+        """The status of request ``r`` before it runs (QUEUE_FULL is the queue's to say)."""
         if r.opcode not in Opcode.__members__.values():
-            return answer(Status.BAD_OPCODE)
+            return Status.BAD_OPCODE
         if r.length > self.max_payload:
-            return answer(Status.BAD_LENGTH)
-        if r.opcode == Opcode.NOP:
-            return answer(Status.OK)
+            return Status.BAD_LENGTH
         if r.opcode in (Opcode.READ_CSR, Opcode.WRITE_CSR, Opcode.SUBMIT):
             if r.length % 4 or r.length == 0:
-                return answer(Status.BAD_LENGTH)
+                return Status.BAD_LENGTH
             if r.opcode != Opcode.SUBMIT and r.address % 4:
-                return answer(Status.BAD_ADDRESS)
-        if r.opcode in (Opcode.READ_MEM, Opcode.WRITE_MEM) and r.address + r.length > len(self.mem):
-            return answer(Status.BAD_ADDRESS)
+                return Status.BAD_ADDRESS
+        if r.opcode in (Opcode.READ_MEM, Opcode.WRITE_MEM):
+            if r.length % self.mem_word:
+                return Status.BAD_LENGTH
+            if r.address % self.mem_word or r.address + r.length > len(self.mem):
+                return Status.BAD_ADDRESS
+        if r.opcode in (Opcode.READ_CSR, Opcode.WRITE_CSR) and not all(
+                self.csr_mapped(a) for a in range(r.address, r.address + r.length, 4)):
+            return Status.BAD_ADDRESS
+        return Status.OK
+
+    def _execute(self, r):
+        """Run request ``r``; returns (status, response payload)."""
+        status = self._check(r)
+        if status != Status.OK or r.opcode == Opcode.NOP:
+            return status, b""
         words = range(r.address, r.address + r.length, 4)
         if r.opcode == Opcode.READ_CSR:
-            return answer(Status.OK, b"".join(struct.pack("<I", self.csr_read(a)) for a in words))
+            return status, b"".join(struct.pack("<I", self.csr_read(a)) for a in words)
         if r.opcode == Opcode.WRITE_CSR:
             for i, a in enumerate(words):
                 self.csr_write(a, struct.unpack_from("<I", r.payload, 4 * i)[0])
-            return answer(Status.OK)
+            return status, b""
         if r.opcode == Opcode.READ_MEM:
-            return answer(Status.OK, bytes(self.mem[r.address : r.address + r.length]))
+            return status, bytes(self.mem[r.address : r.address + r.length])
         if r.opcode == Opcode.WRITE_MEM:
             self.mem[r.address : r.address + r.length] = r.payload
-            return answer(Status.OK)
+            return status, b""
         accepted = self.submit(list(struct.unpack(f"<{r.length // 4}I", r.payload)))
-        return answer(Status.OK if accepted else Status.QUEUE_FULL)
+        return (Status.OK if accepted else Status.QUEUE_FULL), b""

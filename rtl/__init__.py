@@ -12,6 +12,8 @@
 * :class:`~moegen.rtl.loader.ExpertLoader`: expert images from device memory to those two
   streams: header and CRC-32 checks (a corrupt image never emits), double-buffered banks,
   prefetch of the next command
+* :class:`~moegen.rtl.link.LinkEndpoint`: the device side of the framed CRC-32 host link,
+  byte-exact with golden's ``LinkModel`` (one byte per cycle each way)
 * :mod:`~moegen.rtl.memory`: the burst read port, :class:`~moegen.rtl.memory.SimulatedMemory`
   (latency, jitter, bandwidth), :class:`~moegen.rtl.memory.BlockRAMMemory` for boards and a
   :class:`~moegen.rtl.memory.BurstArbiter`

@@ -80,7 +80,7 @@ def test_corrupted_frames_are_never_accepted():
     assert parser.dropped > 900
 
 
-def _device(max_payload=32):
+def _device(max_payload=32, **kwargs):
     csrs, queue = {0: 0x12345678}, []
     mem = bytearray(256)
 
@@ -91,7 +91,7 @@ def _device(max_payload=32):
         return True
 
     model = LinkModel(csr_read=lambda a: csrs.get(a, 0), csr_write=csrs.__setitem__, mem=mem, submit=submit,
-                      max_payload=max_payload)
+                      max_payload=max_payload, **kwargs)
     return model, csrs, mem, queue
 
 
@@ -125,13 +125,69 @@ def test_model_refuses_bad_requests_without_side_effects(args, kwargs, status):
     assert (dict(csrs), bytes(mem)) == before
 
 
-def test_a_retry_is_answered_again_but_not_executed_twice():
+@pytest.mark.parametrize(("args", "kwargs", "status"), [
+    ((Opcode.READ_MEM, 4), {"read_length": 6}, Status.BAD_LENGTH),  # the length is checked first
+    ((Opcode.READ_MEM, 6), {"read_length": 8}, Status.BAD_ADDRESS),
+    ((Opcode.WRITE_MEM, 4), {"payload": b"abcdef"}, Status.BAD_LENGTH),
+    ((Opcode.WRITE_MEM, 252), {"payload": b"abcdefgh"}, Status.BAD_ADDRESS),
+    ((Opcode.WRITE_MEM, 2), {"payload": b"abcd"}, Status.BAD_ADDRESS),
+    ((Opcode.WRITE_MEM, 248), {"payload": b"abcdefgh"}, Status.OK),
+    ((Opcode.READ_MEM, 256), {"read_length": 0}, Status.OK),
+])
+def test_memory_accesses_are_whole_aligned_words(args, kwargs, status):
+    model, _, mem, _ = _device(mem_word=4)
+    before = bytes(mem)
+    assert _ask(model, 1, *args, **kwargs).status == status
+    assert (bytes(mem) == before) == (status != Status.OK or args[0] == Opcode.READ_MEM)
+
+
+def test_an_unmapped_csr_word_refuses_the_whole_access():
+    writes = []
+    model = LinkModel(csr_read=lambda a: a, csr_write=lambda a, v: writes.append((a, v)), mem=bytearray(16),
+                      submit=lambda words: True, max_payload=64, csr_mapped=lambda a: a < 16)
+    assert _ask(model, 1, Opcode.READ_CSR, 8, read_length=8).payload == struct.pack("<II", 8, 12)
+    assert _ask(model, 2, Opcode.READ_CSR, 8, read_length=12).status == Status.BAD_ADDRESS
+    assert _ask(model, 3, Opcode.WRITE_CSR, 12, payload=bytes(8)).status == Status.BAD_ADDRESS
+    assert _ask(model, 4, Opcode.WRITE_CSR, 2 ** 32 - 4, payload=bytes(4)).status == Status.BAD_ADDRESS
+    assert writes == []
+    assert _ask(model, 5, Opcode.WRITE_CSR, 8, payload=struct.pack("<II", 1, 2)).status == Status.OK
+    assert writes == [(8, 1), (12, 2)]
+
+
+def test_mem_word_is_checked():
+    with pytest.raises(ValueError, match="mem_word must be a positive integer, not 0"):
+        _device(mem_word=0)
+
+
+def test_a_retry_of_a_write_replays_its_status_without_executing():
     model, _, _, queue = _device()
     frame = encode_request(9, Opcode.SUBMIT, 0, payload=struct.pack("<I", 1))
     first = model.receive(frame)
     assert model.receive(frame) == first and queue == [[1]]
     assert _ask(model, 10, Opcode.SUBMIT, 0, payload=struct.pack("<I", 2)).status == Status.OK
-    assert _ask(model, 11, Opcode.SUBMIT, 0, payload=struct.pack("<I", 3)).status == Status.QUEUE_FULL
+    full = encode_request(11, Opcode.SUBMIT, 0, payload=struct.pack("<I", 3))
+    assert FrameParser(responses=True).feed(model.receive(full))[0].status == Status.QUEUE_FULL
+    queue.clear()  # room again, but a retry only replays the cached QUEUE_FULL
+    assert FrameParser(responses=True).feed(model.receive(full))[0].status == Status.QUEUE_FULL and queue == []
+    assert (model.frames, model.dropped) == (5, 0)
+
+
+def test_a_retry_of_a_read_is_executed_again_with_fresh_data():
+    model, csrs, mem, _ = _device()
+    frame = encode_request(4, Opcode.READ_CSR, 0, read_length=4)
+    assert FrameParser(responses=True).feed(model.receive(frame))[0].payload == struct.pack("<I", 0x12345678)
+    csrs[0] = 7
+    assert FrameParser(responses=True).feed(model.receive(frame))[0].payload == struct.pack("<I", 7)
+    mem[0] = 1
+    assert _ask(model, 5, Opcode.READ_MEM, 0, read_length=1).payload == b"\x01"
+    mem[0] = 2
+    assert _ask(model, 5, Opcode.READ_MEM, 0, read_length=1).payload == b"\x02"
+
+
+def test_the_same_sequence_number_with_another_opcode_is_not_a_retry():
+    model, _, mem, _ = _device()
+    assert _ask(model, 6, Opcode.READ_MEM, 0, read_length=2).payload == b"\0\0"
+    assert _ask(model, 6, Opcode.WRITE_MEM, 0, payload=b"ab").status == Status.OK and mem[:2] == b"ab"
 
 
 def test_sequence_zero_is_never_a_retry():
