@@ -27,6 +27,7 @@ from .router import route
 __all__ = [
     "ALIGN",
     "COMMAND_WORDS",
+    "QUEUE_COMMANDS",
     "WEIGHT_ONE",
     "Command",
     "CommandError",
@@ -39,6 +40,8 @@ __all__ = [
 ]
 
 COMMAND_WORDS = 8
+#: Commands the device's queue holds (a SUBMIT of more answers QUEUE_FULL).
+QUEUE_COMMANDS = 8
 ALIGN = 64
 #: Q1.15 accumulation weight of 1.0 (``RUN_EXPERT`` table words: ``row | weight << 16``).
 WEIGHT_ONE = 1 << 15

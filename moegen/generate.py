@@ -16,7 +16,7 @@ from amaranth.back import verilog
 from . import __version__
 from .errors import UserError
 
-__all__ = ["BLOCKS", "generate", "stamp"]
+__all__ = ["BLOCKS", "firmware_files", "generate", "stamp"]
 
 
 def _requantizer(config):
@@ -51,10 +51,16 @@ def _expert_loader(config):
     return ExpertLoader.from_config(config)
 
 
+def _accelerator(config):
+    from .rtl.top import Accelerator
+
+    return Accelerator(config)
+
+
 #: Blocks ``generate`` can emit: name -> function(config) -> Amaranth component.
 BLOCKS = {"requantizer": _requantizer, "sparse_systolic_array": _sparse_systolic_array,
           "expert_engine": _expert_engine, "router": _router,
-          "expert_loader": _expert_loader}
+          "expert_loader": _expert_loader, "accelerator": _accelerator}
 
 
 def stamp(config, what, comment="//"):
@@ -66,6 +72,14 @@ def stamp(config, what, comment="//"):
         f"canonical config: {canonical}",
     ]
     return "".join(f"{comment} {line}\n" for line in lines)
+
+
+def firmware_files(config):
+    """The accelerator's register map as JSON and the C header ``moegen_regs.h``."""
+    from .rtl.regmap import c_header, map_json
+
+    return {"regmap.json": map_json(config),
+            "moegen_regs.h": c_header(config, stamp(config, "register map and commands", comment="//"))}
 
 
 def _write_atomic(path, text):
@@ -88,6 +102,8 @@ def generate(config, out_dir, blocks=None):
         for name in names
     }
     files["config.yaml"] = stamp(config, "resolved config", comment="#") + config.to_yaml()
+    if "accelerator" in names:
+        files.update(firmware_files(config))
     manifest = {
         "moegen": __version__,
         "config": config.name,

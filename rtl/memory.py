@@ -14,8 +14,9 @@ a word write port (``write``) for the host, and report every accepted write on `
 """
 
 from fractions import Fraction
+from types import SimpleNamespace
 
-from amaranth import Array, Module, Mux, Signal, unsigned
+from amaranth import Array, ClockSignal, Instance, Module, Mux, Signal, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.fifo import SyncFIFO
 from amaranth.lib.memory import Memory
@@ -65,6 +66,24 @@ def write_layout(addr_width, data_width):
     return data.StructLayout({"addr": unsigned(addr_width), "data": unsigned(data_width)})
 
 
+#: The Verilog module an ``external`` :class:`SimulatedMemory` instantiates instead of an
+#: Amaranth memory (whose initializer would spell out every word of a multi-megabyte memory):
+#: ``moegen_sim_ram`` with parameters ``WIDTH``, ``DEPTH``, ``ADDR_WIDTH`` and the ports below,
+#: one write and one registered read per cycle (``host/harness/ram.v``).
+EXTERNAL_RAM = "moegen_sim_ram"
+
+
+def _external_ram(m, addr_width, width, depth):
+    """Write and read ports (``addr``, ``data``, ``en``) of an :data:`EXTERNAL_RAM` instance."""
+    write = SimpleNamespace(addr=Signal(addr_width), data=Signal(width), en=Signal())
+    read = SimpleNamespace(addr=Signal(addr_width), data=Signal(width), en=Signal(init=1))
+    m.submodules.storage = Instance(
+        EXTERNAL_RAM, p_WIDTH=width, p_DEPTH=depth, p_ADDR_WIDTH=addr_width, i_clk=ClockSignal(),
+        i_w_addr=write.addr, i_w_data=write.data, i_w_en=write.en, i_r_addr=read.addr, i_r_en=read.en,
+        o_r_data=read.data)
+    return write, read
+
+
 def _check_geometry(component, size_bytes, port_width, burst_len, outstanding):
     if port_width not in (8, 16, 32, 64, 128, 256, 512):
         reject(component, f"port_width must be one of 8, 16, 32, 64, 128, 256, 512, not {port_width!r}")
@@ -78,7 +97,8 @@ def _check_geometry(component, size_bytes, port_width, burst_len, outstanding):
 class _BurstMemory(wiring.Component):
     """Storage, write port and in-order burst reads; the subclasses choose the timing."""
 
-    def __init__(self, *, size_bytes, port_width, burst_len, outstanding, latency, jitter, bandwidth, seed):
+    def __init__(self, *, size_bytes, port_width, burst_len, outstanding, latency, jitter, bandwidth, seed,
+                 external=False):
         self.size_bytes = size_bytes
         self.port_width = port_width
         self.burst_len = burst_len
@@ -94,14 +114,18 @@ class _BurstMemory(wiring.Component):
             "write": In(stream.Signature(write_layout(self.addr_width, port_width))),
             "written": Out(written_signature(self.addr_width)),
         })
-        #: The words (a simulator or a testbench may read and preload them).
-        self.storage = Memory(shape=self.port_width, depth=self.words, init=[])
+        #: The words (a simulator or a testbench may read and preload them); ``None`` when
+        #: ``external``: the Verilog module :data:`EXTERNAL_RAM` holds them.
+        self.storage = None if external else Memory(shape=self.port_width, depth=self.words, init=[])
 
     def elaborate(self, platform):
         m = Module()
-        m.submodules.storage = storage = self.storage
-        write = storage.write_port()
-        read = storage.read_port()
+        if self.storage is None:
+            write, read = _external_ram(m, self.addr_width, self.port_width, self.words)
+        else:
+            m.submodules.storage = storage = self.storage
+            write = storage.write_port()
+            read = storage.read_port()
 
         m.d.comb += [
             self.write.ready.eq(1),
@@ -248,6 +272,9 @@ class SimulatedMemory(_BurstMemory):
         at most 256.
     seed : int
         Nonzero LFSR seed, 1..2**32-1.
+    external : bool
+        Hold the words in the Verilog module :data:`EXTERNAL_RAM` (Verilator harness builds)
+        instead of an Amaranth memory.
 
     Members
     -------
@@ -256,7 +283,7 @@ class SimulatedMemory(_BurstMemory):
     """
 
     def __init__(self, *, size_bytes, port_width, burst_len=16, outstanding=2, latency=16, jitter=0, bandwidth=1,
-                 seed=1):
+                 seed=1, external=False):
         _check_geometry(self, size_bytes, port_width, burst_len, outstanding)
         check_int(self, "latency", latency, 0, 1024)
         check_int(self, "jitter", jitter, 0, 1024)
@@ -267,7 +294,8 @@ class SimulatedMemory(_BurstMemory):
         if not 0 < rate <= 1:
             reject(self, f"bandwidth must be a number in (0, 1] words per cycle, not {bandwidth!r}")
         super().__init__(size_bytes=size_bytes, port_width=port_width, burst_len=burst_len, outstanding=outstanding,
-                         latency=max(latency, MIN_LATENCY), jitter=jitter, bandwidth=rate, seed=seed)
+                         latency=max(latency, MIN_LATENCY), jitter=jitter, bandwidth=rate, seed=seed,
+                         external=bool(external))
 
     @classmethod
     def from_config(cls, config, **overrides):

@@ -26,7 +26,8 @@ from amaranth import Module, Signal
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-__all__ = ["ID_VALUE", "MAP_VERSION", "Register", "RegisterFile", "csr_bus_signature", "register_map"]
+__all__ = ["ID_VALUE", "MAP_VERSION", "Register", "RegisterFile", "c_header", "csr_bus_signature", "map_json",
+           "register_map"]
 
 ID_VALUE = 0x4D4F4547  # "MOEG" read as a big-endian word
 MAP_VERSION = (1, 0)  # (major, minor): a major change breaks drivers
@@ -105,6 +106,7 @@ def register_map(config):
          top_p_off, False),
         # counters (wrap at 2**32)
         ("CYCLES", "ro", "clock cycles since reset or clear", 1, 0, False),
+        ("BUSY_CYCLES", "ro", "cycles a command was running", 1, 0, False),
         ("COMMANDS", "ro", "commands completed", 1, 0, False),
         ("ROUTED_TOKENS", "ro", "tokens routed", 1, 0, False),
         ("ENGINE_BUSY", "ro", "expert engine busy cycles", 1, 0, False),
@@ -195,3 +197,42 @@ class RegisterFile(wiring.Component):
                             with m.If(bus.r_stb):
                                 m.d.sync += bus.r_data.eq(value)
         return m
+
+
+def c_header(config, stamp_text):
+    """``moegen_regs.h``: register offsets, identity, geometry, commands and error codes of
+    ``config``'s device, for firmware (``stamp_text``: the artifact stamp, C comments)."""
+    from ..golden.device import ALIGN, COMMAND_WORDS, QUEUE_COMMANDS, WEIGHT_ONE, Command, CommandError, ErrorSource
+    from ..golden.image import ImageErrorCode
+
+    r, model = config.router, config.model
+    lines = [stamp_text.rstrip("\n"), "#ifndef MOEGEN_REGS_H", "#define MOEGEN_REGS_H", ""]
+
+    def define(name, value, doc=""):
+        lines.append(f"#define {name} {value}{f' /* {doc} */' if doc else ''}")
+
+    define("MOEGEN_ID_VALUE", f"0x{ID_VALUE:08X}u", "ID register: 'MOEG'")
+    define("MOEGEN_MAP_VERSION", f"0x{MAP_VERSION[0] << 16 | MAP_VERSION[1]:08X}u", "VERSION: major << 16 | minor")
+    define("MOEGEN_CONFIG_HASH", f"0x{config.device_hash:08X}u", f"config {config.name}, sha256 {config.hash[:16]}...")
+    lines.append("")
+    for reg in register_map(config):
+        define(f"MOEGEN_REG_{reg.name}", f"0x{reg.offset:03X}u", f"{reg.access}: {reg.doc}")
+        if reg.count > 1:
+            define(f"MOEGEN_REG_{reg.name}_COUNT", reg.count)
+    lines.append("")
+    geometry = {"EXPERTS": r.experts, "K_MAX": r.k_max, "LOGIT_WIDTH": r.logit_width, "WEIGHT_WIDTH": r.weight_width,
+                "HIDDEN": model.hidden, "FFN": model.ffn, "MAX_TOKENS": model.max_tokens, "LAYERS": model.layers,
+                "MEM_BYTES": f"{config.memory.size_bytes}u", "MEM_WORD_BYTES": config.memory.port_width // 8,
+                "MAX_PAYLOAD": config.link.max_payload, "IMAGE_BYTES": config.image_layout.nbytes,
+                "ALIGN": ALIGN, "COMMAND_WORDS": COMMAND_WORDS, "QUEUE_COMMANDS": QUEUE_COMMANDS,
+                "WEIGHT_ONE": WEIGHT_ONE,
+                "X_WORDS_PER_TOKEN": 1 + -(-model.hidden // 4), "ROUTE_WORDS_PER_TOKEN": 1 + r.k_max}
+    for name, value in geometry.items():
+        define(f"MOEGEN_{name}", value)
+    for title, enum in (("CMD", Command), ("ERRSRC", ErrorSource), ("CMDERR", CommandError),
+                        ("IMGERR", ImageErrorCode)):
+        lines.append("")
+        for member in enum:
+            define(f"MOEGEN_{title}_{member.name}", int(member))
+    lines += ["", "#endif", ""]
+    return "\n".join(lines)

@@ -10,9 +10,19 @@ import random
 
 import torch
 
-from ...golden.device import ALIGN, Command, DeviceModel, encode_command, pack_table, route_words, x_words
-from ...golden.expert import quantize_activations
+from ...golden.device import (
+    ALIGN,
+    WEIGHT_ONE,
+    Command,
+    DeviceModel,
+    encode_command,
+    pack_table,
+    route_words,
+    x_words,
+)
+from ...golden.expert import expert_int, quantize_activations
 from ...golden.image import write_image
+from ...golden.router import route
 from ..expert import activation_words
 from .loader import make_expert
 
@@ -99,3 +109,55 @@ class Workload:
 
     def expected(self, addr, nbytes):
         return bytes(self.model.mem[addr:addr + nbytes])
+
+    def run_on(self, device):
+        """Run the workload through a connected :class:`moegen.host.Device`; returns the
+        addresses of output buffers that differ from golden (empty when all match)."""
+        from ...host.device import DeviceError
+
+        for addr, data in self.writes:
+            device.write_mem(addr, data)
+        try:
+            device.execute(self.commands)
+        except DeviceError:
+            if not self.model.error:
+                raise
+        return [addr for addr, nbytes in self.outputs if device.read_mem(addr, nbytes) != self.expected(addr, nbytes)]
+
+
+def random_tokens(config, tokens, seed):
+    """``tokens`` random activations quantized for ``config``: ``(x_q, tok_mult, tok_shift)``."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, config.model.hidden, generator=gen)
+    return quantize_activations(x, config.array.act_width)[:3]
+
+
+def check_device_matches_golden(device, config, seed=0):
+    """Upload two experts, run one alone and both accumulated, route: all bit-exact with
+    golden (raises AssertionError naming what differs)."""
+    experts = [make_expert(config.image_layout, seed + e) for e in range(2)]
+    handles = [device.upload_expert(write_image(qe, config_hash=config.device_hash, expert_id=e), expert=e)
+               for e, qe in enumerate(experts)]
+    tokens = min(3, config.model.max_tokens)
+    x_q, mult, shift = random_tokens(config, tokens, seed)
+    y = device.run_expert(handles[1], x_q, mult, shift)
+    assert torch.equal(y, expert_int(x_q, mult, shift, experts[1])), "run_expert differs from expert_int"
+
+    weights = [[WEIGHT_ONE // 3, WEIGHT_ONE, 7][:tokens], [WEIGHT_ONE - 1, 0, 12345][:tokens]]
+    rows = [list(range(tokens)), list(reversed(range(tokens)))]
+    acc = device.run_experts([(h, x_q, mult, shift, r, w) for h, r, w in zip(handles, rows, weights, strict=True)],
+                             tokens)
+    expected = torch.zeros(tokens, config.model.hidden, dtype=torch.int64)
+    for qe, r, w in zip(experts, rows, weights, strict=True):
+        expected[r] += torch.tensor(w)[:, None] * expert_int(x_q, mult, shift, qe)
+    assert torch.equal(acc, expected), "run_experts accumulator differs from golden"
+
+    r = config.router
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randint(-(1 << (r.logit_width - 1)), 1 << (r.logit_width - 1), (5, r.experts), generator=gen)
+    device.set_k(0, 1)
+    got = device.route(logits, layer=0)
+    want = route(logits, k=1, mode=r.mode, logit_frac=r.logit_frac, weight_width=r.weight_width)
+    assert torch.equal(got.indices[:, :1], want.indices) and torch.equal(got.weights[:, :1], want.weights)
+    assert (got.indices[:, 1:] == -1).all()
+    device.set_k(0, r.k_max)

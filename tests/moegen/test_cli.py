@@ -52,7 +52,7 @@ def test_generate_writes_stamped_verilog_and_manifest(capsys, tmp_path):
     assert "module requantizer" in verilog
     manifest = json.loads((tmp_path / "gen" / "manifest.json").read_text())
     assert manifest["sha256"] == config.hash
-    assert set(manifest["files"]) == {f"{name}.v" for name in BLOCKS} | {"config.yaml"}
+    assert set(manifest["files"]) == {f"{name}.v" for name in BLOCKS} | {"config.yaml", "regmap.json", "moegen_regs.h"}
     assert load_config(tmp_path / "gen" / "config.yaml") == config
     assert not list((tmp_path / "gen").glob(".*.tmp"))
 

@@ -1,0 +1,539 @@
+"""The accelerator: link, registers, command queue, command processor and device memory.
+
+``docs/device.md`` is the contract (ports, commands, errors); :class:`moegen.golden.device.
+DeviceModel` defines what the commands do. :class:`CommandProcessor` runs the commands one
+after another with the router, the expert loader and engine, the accumulator and two DMA
+engines (:mod:`moegen.rtl.dma`); :class:`Accelerator` wires it to the link endpoint, the
+register file and device memory.
+"""
+
+from amaranth import Array, Cat, Const, Module, Mux, Signal, signed
+from amaranth.lib import data, stream, wiring
+from amaranth.lib.fifo import SyncFIFOBuffered
+from amaranth.lib.memory import Memory
+from amaranth.lib.wiring import In, Out, connect, flipped
+
+from ..golden.device import (
+    ALIGN,
+    COMMAND_WORDS,
+    QUEUE_COMMANDS,
+    Command,
+    CommandError,
+    ErrorSource,
+    route_words,
+    x_words,
+)
+from .dma import WordReader, WordWriter
+from .expert import COUNTERS, ExpertEngine
+from .link import LinkEndpoint
+from .loader import ExpertLoader
+from .memory import (
+    BlockRAMMemory,
+    BurstArbiter,
+    SimulatedMemory,
+    burst_read_signature,
+    word_addr_width,
+    write_layout,
+    written_signature,
+)
+from .regmap import RegisterFile, register_map
+from .router import TopKRouter
+
+__all__ = ["Accelerator", "CommandProcessor"]
+
+#: Bits of the error code inside ``ERROR`` (``source << 8 | code``).
+CODE_BITS = 8
+
+
+def _error(source, code):
+    return int(source) << CODE_BITS | int(code)
+
+
+class CommandProcessor(wiring.Component):
+    """Runs commands (``docs/device.md``) in order; bit-exact with ``DeviceModel``.
+
+    Members
+    -------
+    cmd : ``In(stream.Signature(32))``
+        Command words, :data:`~moegen.golden.device.COMMAND_WORDS` per command.
+    mem : ``Out(burst_read_signature(...))``
+        Reads: the loader's first, then the command DMA's.
+    write : ``Out(stream.Signature(write_layout(...)))``
+        Word writes of ``ROUTE`` and ``ACC_STORE`` results.
+    written : ``In(written_signature(...))``
+        Every device-memory write (the loader forgets images written over).
+    k, top_p : ``In(32).array(layers)``
+        The per-layer ``K`` and ``TOP_P`` registers.
+    clear_error, clear_counters : ``In(1)``
+        ``CONTROL`` bits 0 and 1: clear ``ERROR``; zero the counters.
+    busy : ``Out(1)``
+        A command is running.
+    error, fence : ``Out(32)``
+        The ``ERROR`` and ``FENCE`` registers.
+    totals : dict of counter name -> ``Out(32)``
+        ``COMMANDS``, ``ROUTED_TOKENS``, engine and loader counters (see :func:`register_map`).
+    """
+
+    TOTALS = ("BUSY_CYCLES", "COMMANDS", "ROUTED_TOKENS", "ENGINE_BUSY", "ENGINE_STEPS", "STALL_WEIGHTS",
+              "STALL_ACTIVATIONS", "STALL_OUTPUT", "LOAD_CYCLES", "LOAD_BYTES", "IMAGE_ERRORS")
+
+    def __init__(self, config):
+        self.config = config
+        mem = config.memory
+        self.addr_width = word_addr_width(mem.size_bytes, mem.port_width)
+        self.port_shift = (mem.port_width // 8).bit_length() - 1
+        members = {
+            "cmd": In(stream.Signature(32)),
+            "mem": Out(burst_read_signature(addr_width=self.addr_width, data_width=mem.port_width,
+                                            burst_len=mem.burst_len)),
+            "write": Out(stream.Signature(write_layout(self.addr_width, mem.port_width))),
+            "written": In(written_signature(self.addr_width)),
+            "k": In(32).array(config.model.layers),
+            "top_p": In(32).array(config.model.layers),
+            "clear_error": In(1),
+            "clear_counters": In(1),
+            "busy": Out(1),
+            "error": Out(32),
+            "fence": Out(32),
+        }
+        members.update({name.lower(): Out(32) for name in self.TOTALS})
+        super().__init__(members)
+
+    def elaborate(self, platform):
+        m = Module()
+        config = self.config
+        r, a, model, mem = config.router, config.array, config.model, config.memory
+        hidden_tiles = -(-model.hidden // a.cols)
+        acc_depth = model.max_tokens * hidden_tiles
+        count_width = 32
+
+        m.submodules.router = router = TopKRouter.from_config(r)
+        m.submodules.loader = loader = ExpertLoader.from_config(config)
+        m.submodules.engine = engine = ExpertEngine.from_config(config)
+        m.submodules.reader = reader = WordReader(
+            addr_width=self.addr_width, port_width=mem.port_width, burst_len=mem.burst_len, count_width=count_width,
+            buffer_words=mem.outstanding * mem.burst_len)
+        m.submodules.writer = writer = WordWriter(addr_width=self.addr_width, port_width=mem.port_width,
+                                                  count_width=count_width)
+        m.submodules.arbiter = arbiter = BurstArbiter(clients=2, addr_width=self.addr_width,
+                                                      data_width=mem.port_width, burst_len=mem.burst_len,
+                                                      outstanding=mem.outstanding)
+        connect(m, loader.mem, arbiter.clients[0])
+        connect(m, reader.mem, arbiter.clients[1])
+        connect(m, arbiter.mem, flipped(self.mem))
+        connect(m, writer.write, flipped(self.write))
+        connect(m, flipped(self.written), loader.written)
+        connect(m, loader.params, engine.params)
+        connect(m, loader.weights, engine.weights)
+
+        m.submodules.table = table = Memory(shape=data.StructLayout({"row": 16, "weight": 16}),
+                                            depth=max(2, model.max_tokens), init=[])
+        table_w, table_r = table.write_port(), table.read_port()
+        m.submodules.acc = acc = Memory(shape=data.ArrayLayout(signed(32), a.cols), depth=max(2, acc_depth),
+                                        init=[])
+        acc_w, acc_r = acc.write_port(), acc.read_port()
+
+        # the command being decoded or run
+        words = Array(Signal(32, name=f"word{i}") for i in range(COMMAND_WORDS))
+        got = Signal(range(COMMAND_WORDS + 1))
+        op = words[0]
+        failure = Signal(16)
+
+        def fail(source, code):
+            m.d.sync += failure.eq(_error(source, code))
+            m.next = "FAIL"
+
+        def aligned(addr):
+            return addr[: (ALIGN - 1).bit_length()] == 0
+
+        def fits(addr, nbytes):
+            return aligned(addr) & (addr + nbytes <= mem.size_bytes)
+
+        def port_addr(addr):
+            return addr[self.port_shift :]
+
+        def padded(nbytes):
+            return (nbytes + (1 << self.port_shift) - 1) >> self.port_shift << self.port_shift
+
+        tokens = Signal(16)
+        layer = Signal(range(max(2, model.layers)))
+        count = Signal(count_width)  # generic down/up counter of the running command
+        progress = Signal(count_width)
+
+        m.d.comb += [self.error.eq(failure), self.cmd.ready.eq(0)]
+        with m.If(self.clear_error):
+            m.d.sync += failure.eq(0)
+
+        # ROUTE: logit words -> router beats
+        lanes = r.lanes
+        beats = -(-r.experts // r.lanes)
+        logit = Array(Signal(signed(r.logit_width), name=f"logit{i}") for i in range(lanes))
+        lane = Signal(range(max(2, lanes)))
+        beat = Signal(range(max(2, beats)))
+        beat_full = Signal()
+        m.d.comb += [
+            router.i.valid.eq(beat_full),
+            router.i.payload.last.eq(beat == beats - 1),
+            router.k.eq(Array(self.k)[layer]),
+            router.top_p.eq(Array(self.top_p)[layer]),
+            router.clear_errors.eq(self.clear_error),
+        ]
+        for i in range(lanes):
+            m.d.comb += router.i.payload.logits[i].eq(logit[i])
+        with m.If(router.i.valid & router.i.ready):
+            m.d.sync += [beat_full.eq(0), beat.eq(Mux(beat == beats - 1, 0, beat + 1))]
+            for i in range(lanes):
+                m.d.sync += logit[i].eq(0)
+        # router beats -> words: count, then index | weight << 8 per slot
+        result = Signal(router.o.payload.shape())
+        slot = Signal(range(r.k_max + 2))
+        holding = Signal()
+        slot_words = Array([result.count.as_unsigned()] + [
+            result.index[i] | result.weight[i] << 8 for i in range(r.k_max)])
+        m.d.comb += router.o.ready.eq(~holding)
+        with m.If(router.o.valid & router.o.ready):
+            m.d.sync += [result.eq(router.o.payload), holding.eq(1), slot.eq(0)]
+
+        # RUN_EXPERT accumulation: one y beat at a time, read table, read acc, write acc
+        y = Signal(engine.y.payload.shape())
+        acc_step = Signal(range(4))
+        tile = Signal(range(max(2, hidden_tiles)))
+        picked = Signal(table_r.data.shape())
+        y_done = Signal()
+        loader_done = Signal()
+
+        stored_lane = Signal(range(max(2, a.cols)))
+        stored_tile = Signal(range(max(2, hidden_tiles)))
+        last_lane = Mux(stored_tile == hidden_tiles - 1, (model.hidden - 1) % a.cols, a.cols - 1)
+        entry_ready = Signal()
+
+        engine_counters = {"ENGINE_BUSY": "busy", "ENGINE_STEPS": "steps", "STALL_WEIGHTS": "stall_weights",
+                           "STALL_ACTIVATIONS": "stall_activations", "STALL_OUTPUT": "stall_output"}
+        assert set(engine_counters.values()) == set(COUNTERS)
+        totals = {name: getattr(self, name.lower()) for name in self.TOTALS}
+        # the loader's counters run from reset: report them from the last clear
+        status = loader.status
+        loader_counts = {"LOAD_CYCLES": status.load_cycles[:32], "LOAD_BYTES": status.bytes_loaded[:32],
+                         "IMAGE_ERRORS": Cat(status.crc_errors[:16], status.header_errors[:16])}
+        for name, value in loader_counts.items():
+            base = Signal(32, name=f"{name.lower()}_base")
+            m.d.comb += totals[name].eq(value - base)
+            with m.If(self.clear_counters):
+                m.d.sync += base.eq(value)
+        fence = Signal(32)
+        m.d.comb += self.fence.eq(fence)
+
+        # default connections of the DMA engines (set per state below)
+        m.d.comb += [reader.o.ready.eq(0), writer.i.valid.eq(0), engine.x.valid.eq(0),
+                     engine.x.payload.eq(reader.o.payload)]
+
+        with m.FSM(name="processor"):
+            with m.State("FETCH"):
+                m.d.comb += self.cmd.ready.eq(1)
+                with m.If(self.cmd.valid):
+                    m.d.sync += [words[got].eq(self.cmd.payload), got.eq(got + 1)]
+                    with m.If(got == COMMAND_WORDS - 1):
+                        m.d.sync += got.eq(0)
+                        m.next = "DECODE"
+            with m.State("DECODE"):
+                m.d.comb += self.busy.eq(1)
+                with m.If(failure != 0):
+                    m.next = "FETCH"  # discarded: an earlier command failed
+                with m.Elif(op == Command.NOP):
+                    m.next = "DONE"
+                with m.Elif(op == Command.FENCE):
+                    m.d.sync += fence.eq(words[1])
+                    m.next = "DONE"
+                with m.Elif(op == Command.ROUTE):
+                    n = words[2]
+                    with m.If(words[1] >= model.layers):
+                        fail(ErrorSource.COMMAND, CommandError.BAD_LAYER)
+                    with m.Elif((n == 0) | (n > 0xFFFF)):
+                        fail(ErrorSource.COMMAND, CommandError.BAD_COUNT)
+                    with m.Elif(~fits(words[3], n * (4 * r.experts))
+                                | ~fits(words[4], padded(n * (4 * route_words(r.k_max))))):
+                        fail(ErrorSource.COMMAND, CommandError.BAD_ADDRESS)
+                    with m.Else():
+                        m.d.sync += [layer.eq(words[1]), tokens.eq(n), lane.eq(0), beat.eq(0),
+                                     progress.eq(0), count.eq(0)]
+                        m.next = "ROUTE_START"
+                with m.Elif(op == Command.RUN_EXPERT):
+                    n = words[2][16:]
+                    with m.If((n == 0) | (n > model.max_tokens)):
+                        fail(ErrorSource.COMMAND, CommandError.BAD_COUNT)
+                    with m.Elif(~aligned(words[1]) | ~fits(words[3], n * (4 * x_words(model.hidden)))
+                                | ~fits(words[4], n * 4)):
+                        fail(ErrorSource.COMMAND, CommandError.BAD_ADDRESS)
+                    with m.Else():
+                        m.d.sync += [tokens.eq(n), count.eq(0), progress.eq(0)]
+                        m.next = "TABLE_START"
+                with m.Elif((op == Command.ACC_CLEAR) | (op == Command.ACC_STORE)):
+                    n = Mux(op == Command.ACC_CLEAR, words[1], words[2])
+                    with m.If((n == 0) | (n > model.max_tokens)):
+                        fail(ErrorSource.COMMAND, CommandError.BAD_COUNT)
+                    with m.Elif((op == Command.ACC_STORE) & ~fits(words[1], padded(n * (4 * model.hidden)))):
+                        fail(ErrorSource.COMMAND, CommandError.BAD_ADDRESS)
+                    with m.Else():
+                        m.d.sync += [count.eq(n * hidden_tiles), progress.eq(0), stored_lane.eq(0),
+                                     stored_tile.eq(0), entry_ready.eq(0)]
+                        m.next = "ACC"
+                with m.Else():
+                    fail(ErrorSource.COMMAND, CommandError.BAD_OPCODE)
+
+            # ---- ROUTE --------------------------------------------------------------
+            with m.State("ROUTE_START"):
+                m.d.comb += [
+                    self.busy.eq(1),
+                    reader.cmd.valid.eq(1),
+                    reader.cmd.payload.addr.eq(port_addr(words[3])),
+                    reader.cmd.payload.words.eq(tokens * r.experts),
+                    writer.cmd.valid.eq(1),
+                    writer.cmd.payload.addr.eq(port_addr(words[4])),
+                    writer.cmd.payload.words.eq(tokens * route_words(r.k_max)),
+                ]
+                m.next = "ROUTE_RUN"
+            with m.State("ROUTE_RUN"):
+                m.d.comb += self.busy.eq(1)
+                # logits in
+                m.d.comb += reader.o.ready.eq(~beat_full)
+                with m.If(reader.o.valid & reader.o.ready):
+                    m.d.sync += logit[lane].eq(reader.o.payload[: r.logit_width])
+                    last_of_token = progress == r.experts - 1
+                    with m.If((lane == lanes - 1) | last_of_token):
+                        m.d.sync += [beat_full.eq(1), lane.eq(0)]
+                    with m.Else():
+                        m.d.sync += lane.eq(lane + 1)
+                    m.d.sync += progress.eq(Mux(last_of_token, 0, progress + 1))
+                # results out
+                m.d.comb += [writer.i.valid.eq(holding), writer.i.payload.eq(slot_words[slot])]
+                with m.If(writer.i.valid & writer.i.ready):
+                    with m.If(slot == r.k_max):
+                        m.d.sync += [holding.eq(0), count.eq(count + 1)]
+                    with m.Else():
+                        m.d.sync += slot.eq(slot + 1)
+                with m.If((count == tokens) & ~writer.busy):
+                    m.d.sync += totals["ROUTED_TOKENS"].eq(totals["ROUTED_TOKENS"] + tokens)
+                    m.next = "DONE"
+
+            # ---- RUN_EXPERT ---------------------------------------------------------
+            with m.State("TABLE_START"):
+                m.d.comb += [
+                    self.busy.eq(1),
+                    reader.cmd.valid.eq(1),
+                    reader.cmd.payload.addr.eq(port_addr(words[4])),
+                    reader.cmd.payload.words.eq(tokens),
+                ]
+                m.d.sync += count.eq(0)  # rows out of range seen
+                m.next = "TABLE"
+            with m.State("TABLE"):
+                m.d.comb += [self.busy.eq(1), reader.o.ready.eq(1),
+                             table_w.addr.eq(progress), table_w.data.eq(reader.o.payload),
+                             table_w.en.eq(reader.o.valid)]
+                with m.If(reader.o.valid):
+                    m.d.sync += progress.eq(progress + 1)
+                    with m.If(reader.o.payload[:16] >= model.max_tokens):
+                        m.d.sync += count.eq(1)
+                with m.If(~reader.busy & (progress == tokens)):
+                    with m.If(count != 0):
+                        fail(ErrorSource.COMMAND, CommandError.BAD_ROW)
+                    with m.Else():
+                        m.next = "LOAD"
+            with m.State("LOAD"):
+                m.d.comb += [
+                    self.busy.eq(1),
+                    loader.cmd.valid.eq(1),
+                    loader.cmd.payload.addr.eq(words[1]),
+                    loader.cmd.payload.expert.eq(words[2][:16]),
+                    loader.cmd.payload.tokens.eq(tokens),
+                ]
+                with m.If(loader.cmd.ready):
+                    m.d.sync += [y_done.eq(0), loader_done.eq(0), tile.eq(0), acc_step.eq(0)]
+                    m.next = "WAIT_PARAMS"
+            with m.State("WAIT_PARAMS"):
+                m.d.comb += self.busy.eq(1)
+                with m.If(loader.done.valid):
+                    m.d.comb += loader.done.ready.eq(1)
+                    m.d.sync += failure.eq(loader.done.payload.code | ErrorSource.LOADER << CODE_BITS)
+                    m.next = "FAIL"
+                with m.Elif(loader.params.valid):
+                    m.d.comb += [
+                        engine.run.valid.eq(1),
+                        engine.run.payload.eq(tokens),
+                        reader.cmd.valid.eq(1),
+                        reader.cmd.payload.addr.eq(port_addr(words[3])),
+                        reader.cmd.payload.words.eq(tokens * x_words(model.hidden)),
+                    ]
+                    m.next = "EXPERT"
+            with m.State("EXPERT"):
+                m.d.comb += [self.busy.eq(1), engine.x.valid.eq(reader.o.valid), reader.o.ready.eq(engine.x.ready)]
+                with m.If(loader.done.valid):
+                    m.d.comb += loader.done.ready.eq(1)
+                    m.d.sync += loader_done.eq(1)
+                # accumulate: 0 take y, read table; 1 read acc; 2 write acc
+                with m.Switch(acc_step):
+                    with m.Case(0):
+                        m.d.comb += [engine.y.ready.eq(~y_done), table_r.addr.eq(engine.y.payload.token)]
+                        with m.If(engine.y.valid & engine.y.ready):
+                            m.d.sync += [y.eq(engine.y.payload), acc_step.eq(1)]
+                    with m.Case(1):
+                        m.d.comb += acc_r.addr.eq(table_r.data.row * hidden_tiles + tile)
+                        m.d.sync += [picked.eq(table_r.data), acc_step.eq(2)]
+                    with m.Case(2):
+                        m.d.comb += [acc_w.addr.eq(picked.row * hidden_tiles + tile), acc_w.en.eq(1)]
+                        weight = Cat(picked.weight, Const(0, 1)).as_signed()
+                        for c in range(a.cols):
+                            m.d.comb += acc_w.data[c].eq(acc_r.data[c] + weight * y.values[c])
+                        m.d.sync += acc_step.eq(0)
+                        with m.If(y.token == tokens - 1):
+                            m.d.sync += tile.eq(tile + 1)
+                        with m.If(y.last):
+                            m.d.sync += y_done.eq(1)
+                with m.If(y_done & loader_done):
+                    for name, field in engine_counters.items():
+                        m.d.sync += totals[name].eq(totals[name] + getattr(engine.counters, field))
+                    m.next = "DONE"
+
+            # ---- ACC_CLEAR / ACC_STORE ----------------------------------------------
+            with m.State("ACC"):
+                m.d.comb += self.busy.eq(1)
+                with m.If(op == Command.ACC_CLEAR):
+                    m.d.comb += [acc_w.addr.eq(progress), acc_w.en.eq(1)]
+                    for c in range(a.cols):
+                        m.d.comb += acc_w.data[c].eq(0)
+                    m.d.sync += progress.eq(progress + 1)
+                    with m.If(progress == count - 1):
+                        m.next = "DONE"
+                with m.Else():
+                    m.d.comb += [
+                        writer.cmd.valid.eq(1),
+                        writer.cmd.payload.addr.eq(port_addr(words[1])),
+                        writer.cmd.payload.words.eq(words[2] * model.hidden),
+                    ]
+                    m.next = "STORE"
+            with m.State("STORE"):
+                m.d.comb += [self.busy.eq(1), acc_r.addr.eq(progress)]
+                # entry_ready: acc_r.data holds entry `progress - 1` (registered read)
+                with m.If(~entry_ready & (progress != count)):
+                    m.d.sync += [entry_ready.eq(1), progress.eq(progress + 1)]
+                with m.If(entry_ready):
+                    m.d.comb += [writer.i.valid.eq(1),
+                                 writer.i.payload.eq(Array(acc_r.data[c] for c in range(a.cols))[stored_lane])]
+                    m.d.comb += acc_r.en.eq(0)
+                    with m.If(writer.i.ready):
+                        with m.If(stored_lane == last_lane):
+                            m.d.sync += [stored_lane.eq(0), entry_ready.eq(0),
+                                         stored_tile.eq(Mux(stored_tile == hidden_tiles - 1, 0, stored_tile + 1))]
+                        with m.Else():
+                            m.d.sync += stored_lane.eq(stored_lane + 1)
+                with m.If((progress == count) & ~entry_ready & ~writer.busy):
+                    m.next = "DONE"
+
+            with m.State("FAIL"):
+                m.d.comb += self.busy.eq(1)
+                m.next = "FETCH"
+            with m.State("DONE"):
+                m.d.comb += self.busy.eq(1)
+                m.d.sync += totals["COMMANDS"].eq(totals["COMMANDS"] + 1)
+                m.next = "FETCH"
+        m.d.sync += totals["BUSY_CYCLES"].eq(totals["BUSY_CYCLES"] + self.busy)
+        with m.If(self.clear_counters):
+            for name in self.TOTALS:
+                if name not in loader_counts:
+                    m.d.sync += totals[name].eq(0)
+        return m
+
+
+class Accelerator(wiring.Component):
+    """The whole device: ``rx``/``tx`` bytes in and out, ``idle`` (``docs/device.md``).
+
+    Parameters
+    ----------
+    config : AccelConfig
+    memory : str
+        ``"sim"``: :class:`~moegen.rtl.memory.SimulatedMemory` with the config's latency;
+        ``"harness"``: the same with its words in the Verilog RAM model of the harness;
+        ``"bram"``: :class:`~moegen.rtl.memory.BlockRAMMemory` (boards).
+
+    Members
+    -------
+    rx : ``In(stream.Signature(8))``
+    tx : ``Out(stream.Signature(8))``
+    idle : ``Out(1)``
+        No partial request, no response byte, no queued or running command.
+    """
+
+    def __init__(self, config, *, memory="sim"):
+        if memory not in ("sim", "harness", "bram"):
+            raise ValueError(f"memory must be 'sim', 'harness' or 'bram', not {memory!r}")
+        self.config = config
+        self.memory = memory
+        self.registers = register_map(config)
+        super().__init__({"rx": In(stream.Signature(8)), "tx": Out(stream.Signature(8)), "idle": Out(1)})
+
+    def elaborate(self, platform):
+        m = Module()
+        config = self.config
+        mem = config.memory
+        queue_words = QUEUE_COMMANDS * COMMAND_WORDS
+        m.submodules.link = link = LinkEndpoint.from_config(config, queue_words=queue_words)
+        m.submodules.registers = regs = RegisterFile(self.registers)
+        m.submodules.queue = queue = SyncFIFOBuffered(width=32, depth=queue_words)
+        m.submodules.processor = processor = CommandProcessor(config)
+        if self.memory == "bram":
+            m.submodules.memory = memory = BlockRAMMemory.from_config(config)
+        else:
+            m.submodules.memory = memory = SimulatedMemory.from_config(config, external=self.memory == "harness")
+        addr_width = word_addr_width(mem.size_bytes, mem.port_width)
+        m.submodules.reads = reads = BurstArbiter(clients=2, addr_width=addr_width, data_width=mem.port_width,
+                                                  burst_len=mem.burst_len, outstanding=mem.outstanding)
+
+        connect(m, flipped(self.rx), link.rx)
+        connect(m, link.tx, flipped(self.tx))
+        connect(m, link.csr, regs.bus)
+        # reads: the command processor (loader, DMA) first, then the host
+        connect(m, processor.mem, reads.clients[0])
+        connect(m, link.mem_read, reads.clients[1])
+        connect(m, reads.mem, memory.read)
+        connect(m, memory.written, processor.written)
+        # writes: the host first; the processor's results wait a cycle
+        with m.If(link.mem_write.valid):
+            m.d.comb += [memory.write.valid.eq(1), memory.write.payload.eq(link.mem_write.payload),
+                         link.mem_write.ready.eq(memory.write.ready)]
+        with m.Else():
+            m.d.comb += [memory.write.valid.eq(processor.write.valid),
+                         memory.write.payload.eq(processor.write.payload),
+                         processor.write.ready.eq(memory.write.ready)]
+
+        m.d.comb += [
+            queue.w_en.eq(link.submit.valid),
+            queue.w_data.eq(link.submit.payload),
+            link.submit.ready.eq(queue.w_rdy),
+            link.submit_space.eq(queue_words - queue.level),
+            processor.cmd.valid.eq(queue.r_rdy),
+            processor.cmd.payload.eq(queue.r_data),
+            queue.r_en.eq(processor.cmd.ready),
+        ]
+
+        control = regs.pulses["CONTROL"]
+        m.d.comb += [processor.clear_error.eq(control[0]), processor.clear_counters.eq(control[1])]
+        for i in range(config.model.layers):
+            m.d.comb += [processor.k[i].eq(regs.storage["K"][i]), processor.top_p[i].eq(regs.storage["TOP_P"][i])]
+
+        busy = processor.busy | queue.r_rdy
+        m.d.comb += self.idle.eq(~busy & ~link.receiving & ~link.busy)
+        values = regs.values
+        cycles, frames_base, dropped_base = Signal(32), Signal(32), Signal(32)
+        m.d.sync += cycles.eq(Mux(control[1], 0, cycles + 1))
+        with m.If(control[1]):
+            m.d.sync += [frames_base.eq(link.frames), dropped_base.eq(link.dropped)]
+        m.d.comb += [
+            values["STATUS"][0].eq(Cat(busy, processor.error != 0, Const(0, 6), queue.level)),
+            values["ERROR"][0].eq(processor.error),
+            values["FENCE"][0].eq(processor.fence),
+            values["CYCLES"][0].eq(cycles),
+            values["LINK_FRAMES"][0].eq(link.frames - frames_base),
+            values["LINK_DROPPED"][0].eq(link.dropped - dropped_base),
+        ]
+        for name in CommandProcessor.TOTALS:
+            m.d.comb += values[name][0].eq(getattr(processor, name.lower()))
+        return m
