@@ -12,14 +12,25 @@ response is retried with the same sequence number (the device answers a retry wi
 executing it twice), and after ``retries`` attempts it raises :class:`LinkTimeout`.
 """
 
+import random
 import socket
 import struct
+import threading
 import time
 
 from ..errors import UserError
 from ..golden.link import FrameParser, Opcode, Status, encode_request
 
-__all__ = ["TRANSPORTS", "LinkClient", "LinkError", "LinkTimeout", "open_transport"]
+__all__ = [
+    "TRANSPORTS",
+    "ByteFaults",
+    "FaultyTransport",
+    "LinkClient",
+    "LinkError",
+    "LinkTimeout",
+    "open_transport",
+    "serve_model",
+]
 
 
 class LinkError(RuntimeError):
@@ -144,7 +155,8 @@ class LinkClient:
     Members
     -------
     stats : dict
-        ``requests``, ``retries``, ``dropped`` (corrupt response frames), ``timeouts``.
+        ``requests``, ``retries``, ``dropped`` (corrupt response frames), ``timeouts``,
+        ``bytes_out`` and ``bytes_in`` (on the line, retries included).
     """
 
     def __init__(self, transport, *, max_payload=256, timeout=1.0, retries=8):
@@ -154,7 +166,7 @@ class LinkClient:
         self.retries = retries
         self.seq = 0
         self.parser = FrameParser(responses=True, max_payload=max_payload)
-        self.stats = {"requests": 0, "retries": 0, "dropped": 0, "timeouts": 0}
+        self.stats = {"requests": 0, "retries": 0, "dropped": 0, "timeouts": 0, "bytes_out": 0, "bytes_in": 0}
 
     def close(self):
         self.transport.close()
@@ -178,6 +190,7 @@ class LinkClient:
             if attempt:
                 self.stats["retries"] += 1
             self.transport.write(frame)
+            self.stats["bytes_out"] += len(frame)
             response = self._await(self.seq, opcode)
             if response is not None:
                 if response.status != Status.OK:
@@ -192,7 +205,9 @@ class LinkClient:
         deadline = time.monotonic() + self.timeout
         while (left := deadline - time.monotonic()) > 0:
             before = self.parser.dropped
-            frames = self.parser.feed(self.transport.read(4096, left))
+            data = self.transport.read(4096, left)
+            self.stats["bytes_in"] += len(data)
+            frames = self.parser.feed(data)
             self.stats["dropped"] += self.parser.dropped - before
             for frame in frames:
                 if frame.seq == seq and frame.opcode == opcode:
@@ -223,3 +238,92 @@ class LinkClient:
 
     def submit(self, words):
         self.request(Opcode.SUBMIT, payload=struct.pack(f"<{len(words)}I", *words))
+
+
+class ByteFaults:
+    """Corrupts byte chunks at random: a flipped bit, a dropped, duplicated or truncated
+    byte run, each with probability ``rate`` per chunk (``seed`` makes it repeatable).
+
+    Members
+    -------
+    injected : dict of str -> int
+        Faults injected so far, by kind.
+    """
+
+    KINDS = ("flip", "drop", "duplicate", "truncate")
+
+    def __init__(self, rate, seed=0):
+        if not 0 <= rate <= 1:
+            raise ValueError(f"fault rate must lie in 0..1, not {rate!r}")
+        self.rate = rate
+        self.rng = random.Random(seed)
+        self.injected = dict.fromkeys(self.KINDS, 0)
+
+    @property
+    def total(self):
+        return sum(self.injected.values())
+
+    def __call__(self, data):
+        if not data or self.rng.random() >= self.rate:
+            return data
+        data = bytearray(data)
+        i = self.rng.randrange(len(data))
+        kind = self.rng.choice(self.KINDS)
+        self.injected[kind] += 1
+        if kind == "flip":
+            data[i] ^= 1 << self.rng.randrange(8)
+        elif kind == "drop":
+            del data[i]
+        elif kind == "duplicate":
+            data.insert(i, data[i])
+        else:
+            del data[i:]
+        return bytes(data)
+
+
+class FaultyTransport:
+    """Wraps a transport and corrupts bytes in both directions with :class:`ByteFaults`."""
+
+    def __init__(self, inner, faults):
+        self.inner = inner
+        self.faults = faults
+
+    def write(self, data):
+        self.inner.write(self.faults(data))
+
+    def read(self, limit, timeout):
+        return self.faults(self.inner.read(limit, timeout))
+
+    def close(self):
+        self.inner.close()
+
+
+def serve_model(path, model, *, faults=None, idle=0.005):
+    """Serve a :class:`~moegen.golden.link.LinkModel` on a Unix socket, one connection, in a
+    daemon thread (firmware tests and dry runs without a simulator). ``idle`` seconds of
+    silence tell the model the line went quiet. Returns the thread."""
+    faults = faults or (lambda data: data)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+
+    def run():
+        with server:
+            conn, _ = server.accept()
+        conn.settimeout(idle)
+        with conn:
+            while True:
+                try:
+                    data = conn.recv(65536)
+                except TimeoutError:
+                    model.timeout()
+                    continue
+                if not data:
+                    return
+                reply = faults(model.receive(faults(data)))
+                if reply:
+                    conn.sendall(reply)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread

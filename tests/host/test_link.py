@@ -5,7 +5,15 @@ import pytest
 
 from moegen.errors import UserError
 from moegen.golden.link import LinkModel, Status
-from moegen.host.link import LinkClient, LinkError, LinkTimeout, ModelTransport, open_transport
+from moegen.host.link import (
+    ByteFaults,
+    FaultyTransport,
+    LinkClient,
+    LinkError,
+    LinkTimeout,
+    ModelTransport,
+    open_transport,
+)
 
 
 def make_device(max_payload=64, mem_size=4096):
@@ -14,39 +22,6 @@ def make_device(max_payload=64, mem_size=4096):
     model = LinkModel(csr_read=lambda a: csrs.get(a, 0), csr_write=csrs.__setitem__, mem=mem,
                       submit=lambda words: queue.append(words) or True, max_payload=max_payload)
     return model, csrs, mem, queue
-
-
-class FaultyTransport(ModelTransport):
-    """Corrupts bytes in both directions: flips, drops, duplicates and truncations."""
-
-    def __init__(self, model, rate, seed):
-        super().__init__(model)
-        self.rng = random.Random(seed)
-        self.rate = rate
-        self.faults = 0
-
-    def _mangle(self, data):
-        if not data or self.rng.random() >= self.rate:
-            return data
-        self.faults += 1
-        data = bytearray(data)
-        i = self.rng.randrange(len(data))
-        kind = self.rng.randrange(4)
-        if kind == 0:
-            data[i] ^= 1 << self.rng.randrange(8)
-        elif kind == 1:
-            del data[i]
-        elif kind == 2:
-            data.insert(i, data[i])
-        else:
-            del data[i:]
-        return bytes(data)
-
-    def write(self, data):
-        super().write(self._mangle(data))
-
-    def read(self, limit, timeout):
-        return self._mangle(super().read(limit, timeout))
 
 
 def test_client_reads_and_writes_through_the_model():
@@ -92,12 +67,13 @@ def test_faulty_link_never_corrupts_silently():
     """1,000+ injected faults in both directions: every request completes with the right
     data (retries), nothing is executed twice, nothing is written wrong."""
     model, _, mem, queue = make_device(max_payload=64)
-    transport = FaultyTransport(model, rate=0.3, seed=11)
+    faults = ByteFaults(0.3, seed=11)
+    transport = FaultyTransport(ModelTransport(model), faults)
     client = LinkClient(transport, max_payload=64, timeout=0.005, retries=50)
     rng = random.Random(3)
     expected = bytearray(len(mem))
     submitted = []
-    while transport.faults < 1000:
+    while faults.total < 1000:
         address = rng.randrange(0, len(mem) - 64)
         data = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 64)))
         client.write_mem(address, data)
@@ -125,3 +101,14 @@ def test_words_are_little_endian():
     model, csrs, *_ = make_device()
     LinkClient(ModelTransport(model)).write_csr(0, 0x11223344)
     assert struct.pack("<I", csrs[0]) == b"\x44\x33\x22\x11"
+
+
+def test_byte_faults_inject_every_kind_and_check_their_rate():
+    faults = ByteFaults(1.0, seed=2)
+    data = bytes(range(32))
+    mangled = [faults(data) for _ in range(200)]
+    assert all(m != data for m in mangled)
+    assert min(faults.injected.values()) > 20 and faults.total == 200
+    assert ByteFaults(0.0)(data) == data
+    with pytest.raises(ValueError, match=r"fault rate must lie in 0\.\.1, not 2"):
+        ByteFaults(2)

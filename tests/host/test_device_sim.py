@@ -1,0 +1,72 @@
+"""The host driver on the Verilator harness: bit-exact against golden, faults, identity."""
+
+import dataclasses
+import time
+
+import pytest
+
+from moegen.config import load_config
+from moegen.host.device import DeviceMismatch, open_device
+from moegen.host.link import ByteFaults, FaultyTransport, LinkTimeout
+from moegen.host.sim import build, launch
+from moegen.rtl.testbench.device import Workload, check_device_matches_golden
+
+pytestmark = pytest.mark.verilator
+
+
+@pytest.fixture(scope="module")
+def tiny_harness():
+    config = load_config("tiny")
+    with launch(build(config)) as harness:
+        yield config, harness
+
+
+def test_driver_on_the_harness_matches_golden_on_tiny(tiny_harness):
+    config, harness = tiny_harness
+    with open_device(config, "sim", address=harness.socket) as device:
+        check_device_matches_golden(device, config, seed=3)
+        work = Workload(config, seed=4, errors=True)
+        assert work.run_on(device) == []
+        counters = device.counters()
+        assert counters["CYCLES"] > 0 and counters["ENGINE_STEPS"] > 0 and counters["LINK_DROPPED"] == 0
+
+
+def test_a_device_of_another_config_is_refused_by_name(tiny_harness):
+    config, harness = tiny_harness
+    other = dataclasses.replace(config, name="other", array=dataclasses.replace(config.array, m=1))
+    with pytest.raises(DeviceMismatch, match=r"CONFIG_HASH register reads 0x[0-9a-f]{8}, config 'other'"):
+        open_device(other, "sim", address=harness.socket)
+
+
+def test_a_thousand_link_faults_never_corrupt_silently_or_hang(tiny_harness):
+    config, harness = tiny_harness
+    faults = ByteFaults(0.25, seed=9)
+    with open_device(config, "sim", address=harness.socket, timeout=0.05, retries=40) as device:
+        device.link.transport = FaultyTransport(device.link.transport, faults)
+        start = time.monotonic()
+        rounds = 0
+        while faults.total < 1000:
+            work = Workload(config, seed=rounds % 3, experts=1, runs=1, route_tokens=1)
+            assert work.run_on(device) == [], f"silent corruption in round {rounds}"
+            rounds += 1
+        assert time.monotonic() - start < 600
+        assert device.link.stats["retries"] > 0 and min(faults.injected.values()) > 0
+
+
+@pytest.mark.slow
+def test_driver_on_the_harness_matches_golden_on_default():
+    config = load_config("default")
+    with launch(build(config)) as harness, open_device(config, "sim", address=harness.socket) as device:
+        check_device_matches_golden(device, config, seed=5)
+
+
+def test_a_harness_that_dies_mid_session_times_out_in_bounded_time():
+    config = load_config("tiny")
+    harness = launch(build(config))
+    device = open_device(config, "sim", address=harness.socket, timeout=0.05, retries=3)
+    harness.stop()
+    start = time.monotonic()
+    with pytest.raises((LinkTimeout, OSError)):
+        device.counters()
+    assert time.monotonic() - start < 5
+    device.close()
