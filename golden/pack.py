@@ -25,6 +25,7 @@ The packed layout is the contract between the host, the loader and the array.
 """
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -89,6 +90,11 @@ class PackedMatrix:
             raise ValueError(f"packed indices must lie in 0..{lay.n - 1}")
         if lay.m > 1 and not bool((self.indices[..., 1:] > self.indices[..., :-1]).all()):
             raise ValueError("packed indices must be strictly ascending (distinct) within every group")
+
+    @cached_property
+    def dense_float(self):
+        """The unpacked ``[out_features, in_features]`` matrix as float64 (cached)."""
+        return unpack_mn(self).double()
 
     def __eq__(self, other):
         return (
@@ -203,15 +209,13 @@ def unpack_mn(packed):
 
 
 def sparse_matmul(x, packed):
-    """``x @ unpack_mn(packed).T`` computed the way the array does: each output selects its
-    ``m`` activations of every group by the stored indices. ``x`` is ``[T, K]`` integer."""
+    """``x @ unpack_mn(packed).T`` for integer ``x [T, K]``: what the array computes, each
+    output selecting ``m`` activations of every group by the stored indices (the other
+    weights of the group are zero). Computed as a float64 product of the unpacked matrix,
+    which is exact: every partial sum of 8-bit products over at most 65535 inputs stays far
+    below 2**53."""
     lay = packed.layout
     x = torch.as_tensor(x, dtype=torch.int64)
     if x.dim() != 2 or x.shape[1] != lay.in_features:
         raise ValueError(f"activations must be [T, {lay.in_features}], not {tuple(x.shape)}")
-    xg = torch.nn.functional.pad(x, (0, lay.groups * lay.n - lay.in_features)).reshape(-1, lay.groups, lay.n)
-    # [T, tiles, groups, cols, m]: activation picked by each stored index
-    picked = xg[:, None, :, None, :].expand(-1, lay.tiles, -1, lay.cols, -1)
-    picked = torch.gather(picked, -1, packed.indices.expand(x.shape[0], -1, -1, -1, -1))
-    acc = (picked * packed.values).sum(dim=(2, 4))
-    return acc.reshape(x.shape[0], -1)[:, : lay.out_features]
+    return torch.round(x.double() @ packed.dense_float.T).to(torch.int64)
