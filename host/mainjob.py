@@ -1,0 +1,155 @@
+"""``make sim``: the demo MoE model with its cold experts on the simulated accelerator.
+
+Steps, each shown as it runs:
+
+1. build (or reuse) the Verilator harness of the config and start it;
+2. load the shipped demo model (:mod:`moegen.host.demo`) and measure its float perplexity
+   on held-out text;
+3. offload with a policy: profile on training text, prune and quantize every expert,
+   upload the cold ones to the simulated device;
+4. the same split computed on the host with golden's integer experts (the int8 reference)
+   and with every expert int8 on the host;
+5. perplexity and greedy generation, offloaded and reference;
+6. the report: placement, hit rate, device cycles, link bytes, modeled time per token at
+   the board clock over UART and PCIe, perplexities, and whether the offloaded text is
+   identical to the reference's.
+
+Everything is computed, nothing is assumed: the report's figures come from this run.
+"""
+
+import json
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["add_arguments", "run"]
+
+
+def add_arguments(parser):
+    parser.add_argument("--config", default="default", help="YAML file or preset (default: default)")
+    parser.add_argument("--policy", default="static", help="placement policy (default: static)")
+    parser.add_argument("--hot", type=int, default=2, help="experts per layer the host keeps (default: 2)")
+    parser.add_argument("--heldout", type=int, default=1024, help="held-out bytes for perplexity (default: 1024)")
+    parser.add_argument("--prompt", default="def read_config(path):\n    ", help="generation prompt")
+    parser.add_argument("--generate", type=int, default=48, help="bytes to generate (default: 48)")
+    parser.add_argument("--checkpoint", help="a MixtralForCausalLM checkpoint folder of the demo's shapes "
+                        "(default: the shipped demo model)")
+    parser.add_argument("--plot", help="write the placement and hit-rate plot to this PNG file")
+    parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
+
+
+class _Progress:
+    def __init__(self, out=sys.stderr):
+        self.out = out
+        self.start = time.monotonic()
+
+    def __call__(self, message):
+        print(f"[{time.monotonic() - self.start:6.1f}s] {message}", file=self.out, flush=True)
+
+
+def run(args):
+    import torch
+
+    from ..config import load_config
+    from ..errors import UserError
+    from .demo import corpus
+    from .demo.model import CONTEXT, encode, generate, load_demo, perplexity
+    from .device import open_device
+    from .offload import offload
+    from .policies import LINKS
+    from .sim import build, launch
+
+    if not 256 <= args.heldout <= 1 << 20:
+        raise UserError(f"--heldout must be in 256..1048576 bytes, not {args.heldout}")
+    if not 1 <= args.generate <= 1024:
+        raise UserError(f"--generate must be in 1..1024, not {args.generate}")
+    config = load_config(args.config)
+    step = _Progress()
+    step(f"config {config.name} (device hash 0x{config.device_hash:08x}): building the simulated device")
+    binary = build(config, progress=step)
+    model = load_demo(None if args.checkpoint is None else Path(args.checkpoint))
+    heldout = corpus.heldout(args.heldout)
+    train = corpus.training_text()
+    calibration = torch.tensor(encode(train[:4 * CONTEXT])).view(4, CONTEXT)
+    context = min(CONTEXT, args.heldout)
+    measure = {"context": context, "stride": context // 2}
+
+    step(f"float perplexity on {len(heldout)} held-out bytes")
+    ppl_float = perplexity(model, heldout, **measure)
+
+    step("int8: every expert pruned and quantized, computed on the host")
+    all_int8 = offload(model, None, policy="static", hot=0, calibration=calibration, config=config)
+    ppl_int8 = perplexity(model, heldout, **measure)
+    all_int8.remove()
+
+    step(f"int8 reference: policy {args.policy}, hot {args.hot}, cold experts with golden on the host")
+    reference = offload(model, None, policy=args.policy, hot=args.hot, calibration=calibration, config=config)
+    ppl_reference = perplexity(model, heldout, **measure)
+    text_reference = generate(model, args.prompt, args.generate)
+    reference.remove()
+
+    step("starting the simulated device")
+    with launch(binary) as harness, open_device(config, "sim", address=harness.socket, timeout=5.0) as device:
+        step(f"offloading: policy {args.policy}, hot {args.hot}; converting and uploading cold experts")
+        handle = offload(model, device, policy=args.policy, hot=args.hot, calibration=calibration)
+        uploaded = len(device.experts)
+        step(f"perplexity with cold experts on the simulated device ({uploaded} experts resident there)")
+        ppl_offloaded = perplexity(model, heldout, **measure)
+        tokens_ppl = len(heldout) - 1
+        step(f"generating {args.generate} bytes")
+        text_offloaded = generate(model, args.prompt, args.generate)
+        counters = device.counters()
+        handle.remove()
+        summary = harness.stop()
+    telemetry = handle.telemetry
+    tokens = tokens_ppl + args.generate
+    report = {
+        "config": config.name,
+        "policy": args.policy,
+        "hot_per_layer": args.hot,
+        "experts_on_device": uploaded,
+        "tokens": tokens,
+        "perplexity": {"float": ppl_float, "int8": ppl_int8, "int8_reference": ppl_reference,
+                       "offloaded": ppl_offloaded},
+        "offloaded_equals_reference": text_offloaded == text_reference and ppl_offloaded == ppl_reference,
+        "text_offloaded": text_offloaded,
+        "text_reference": text_reference,
+        "hit_rate": telemetry.hit_rate(),
+        "device_cycles": counters["BUSY_CYCLES"],
+        "engine_busy_cycles": counters["ENGINE_BUSY"],
+        "link_frames": counters["LINK_FRAMES"],
+        "harness_cycles_per_s": summary.cycles_per_s if summary else None,
+        "modeled": {name: telemetry.summary(link, clock_mhz=config.target.clock_mhz, tokens=tokens)
+                    for name, link in LINKS.items()},
+    }
+    if args.plot:
+        handle.plot(args.plot)
+        report["plot"] = args.plot
+    step("done")
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(_format(report, handle.report()))
+    return 0 if report["offloaded_equals_reference"] else 1
+
+
+def _format(report, table):
+    p = report["perplexity"]
+    lines = [
+        f"moegen make sim: demo model on config {report['config']}, policy {report['policy']}, "
+        f"{report['hot_per_layer']} hot experts per layer, {report['experts_on_device']} experts on the device",
+        "",
+        "placement per layer (tokens on host and device, hit rate, bytes, device cycles):",
+        table,
+        "",
+        f"perplexity on held-out text: float {p['float']:.3f}  int8 {p['int8']:.3f}  "
+        f"int8 reference {p['int8_reference']:.3f}  offloaded {p['offloaded']:.3f}",
+        f"offloaded output identical to the host int8 reference: {report['offloaded_equals_reference']}",
+        f"device: {report['device_cycles']} busy cycles, {report['engine_busy_cycles']} engine cycles, "
+        f"{report['link_frames']} link frames; harness {report['harness_cycles_per_s']} cycles/s",
+    ]
+    for name, m in report["modeled"].items():
+        lines.append(f"modeled at the board clock over {name}: {1e3 * m['modeled_s_per_token']:.3f} ms per token "
+                     f"({m['link_bytes_device']} link bytes, {m['weight_bytes_moved']} weight bytes moved)")
+    lines += ["", f"generated (offloaded): {report['text_offloaded']!r}"]
+    return "\n".join(lines)

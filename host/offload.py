@@ -1,0 +1,347 @@
+"""Offload a Hugging Face MoE model's cold experts to a moegen device.
+
+``offload(model, device, policy=..., hot=..., calibration=...)`` registers moegen as an
+experts implementation (transformers' ``ExpertsInterface``) and switches the model to it.
+The model's own router and shared experts stay where they are; each MoE layer's experts
+call comes to :class:`OffloadedLayer`, which asks the placement policy
+(:mod:`moegen.host.policies`) where each selected expert runs:
+
+* ``host``: the float expert on the model's device (CPU, or GPU when the model is there);
+* ``move``: the expert's weights are first moved into the host's expert cache (what
+  mixtral-offloading does), then it runs on the host;
+* ``device``: the tokens of all such experts are grouped per expert and sent to the
+  accelerator in one batch per layer step (``Device.run_experts``): int8 activations out,
+  int32 accumulators back.
+
+Conversion happens once, in :func:`offload`: a profiling pass over ``calibration`` tokens
+records each expert's inputs and how often it is chosen; every expert is pruned to the
+device's M:N pattern, quantized with those inputs as calibration (golden's static scales),
+written as an expert image and uploaded. The accumulator adds ``weight * y`` per token; the
+host folds each expert's output scale ``s_e`` into the weight (``round(w * s_e / s * 2**15)``,
+``s`` the layer's largest) and scales the sum by ``s / 2**15``.
+
+A device call that fails (timeout, link or device error) is computed on the host with
+golden's integer expert instead, bit-identical to what the device returns, with one
+warning and a count in the telemetry: the model's output does not change.
+"""
+
+import time
+import warnings
+import weakref
+
+import torch
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+from ..errors import UserError
+from ..golden.device import WEIGHT_ONE
+from ..golden.expert import ExpertWeights, expert_int, prune_expert, quantize_activations, quantize_expert
+from ..golden.image import write_image
+from .device import DeviceError
+from .link import LinkError, LinkTimeout
+from .policies import make_policy
+from .telemetry import Telemetry
+
+__all__ = ["IMPLEMENTATION", "SUPPORTED_FAMILIES", "Offload", "OffloadedLayer", "experts_modules", "offload"]
+
+#: The name moegen registers in transformers' ExpertsInterface.
+IMPLEMENTATION = "moegen"
+#: ``config.model_type`` of the supported families (shared experts, where a family has them,
+#: stay on the host).
+SUPPORTED_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")
+#: Calibration rows kept per expert.
+CALIBRATION_ROWS = 256
+
+_LAYERS = weakref.WeakKeyDictionary()  # experts module -> OffloadedLayer
+
+
+def _moegen_experts_forward(module, hidden_states, top_k_index, top_k_weights):
+    layer = _LAYERS.get(module)
+    if layer is None:  # a module this process did not offload: transformers' own forward
+        return type(module).forward.__wrapped__(module, hidden_states, top_k_index, top_k_weights)
+    return layer(hidden_states, top_k_index, top_k_weights)
+
+
+ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, _moegen_experts_forward)
+
+
+def experts_modules(model):
+    """The fused experts modules of ``model`` in layer order (``gate_up_proj [E, 2I, H]``,
+    ``down_proj [E, H, I]``)."""
+    found = []
+    for module in model.modules():
+        params = dict(module.named_parameters(recurse=False))
+        if type(module).__name__.endswith("Experts") and {"gate_up_proj", "down_proj"} <= params.keys():
+            found.append(module)
+    return found
+
+
+def _check_family(model, config):
+    family = getattr(model.config, "model_type", None)
+    if family not in SUPPORTED_FAMILIES:
+        raise UserError(f"model type {family!r} is not supported; supported: {', '.join(SUPPORTED_FAMILIES)}")
+    modules = experts_modules(model)
+    if not modules:
+        raise UserError(f"{type(model).__name__}: no fused experts modules (gate_up_proj/down_proj) found")
+    _, two_ffn, hidden = modules[0].gate_up_proj.shape
+    want = (config.model.hidden, config.model.ffn)
+    if (hidden, two_ffn // 2) != want:
+        raise UserError(f"model experts are hidden {hidden}, ffn {two_ffn // 2}; device config {config.name!r} has "
+                        f"model.hidden {want[0]}, model.ffn {want[1]}")
+    if len(modules) > config.model.layers:
+        raise UserError(f"model has {len(modules)} MoE layers; device config {config.name!r} has model.layers "
+                        f"{config.model.layers}")
+    return modules
+
+
+def expert_weights(module, e):
+    """Float weights of expert ``e`` of a fused experts module."""
+    gate, up = module.gate_up_proj[e].detach().float().chunk(2, dim=0)
+    return ExpertWeights(gate, up, module.down_proj[e].detach().float())
+
+
+class _Profiler:
+    """Records each expert's inputs and selection counts during a calibration pass."""
+
+    def __init__(self, modules, rows):
+        self.rows = rows
+        self.inputs = {id(m): {} for m in modules}
+        self.counts = {id(m): torch.zeros(m.gate_up_proj.shape[0], dtype=torch.int64) for m in modules}
+
+    def __call__(self, module, hidden_states, top_k_index, top_k_weights):
+        inputs, counts = self.inputs[id(module)], self.counts[id(module)]
+        for e in top_k_index.unique().tolist():
+            if e >= len(counts):
+                continue
+            tokens = (top_k_index == e).any(-1)
+            counts[e] += int(tokens.sum())
+            kept = inputs.setdefault(e, [])
+            if sum(len(x) for x in kept) < self.rows:
+                kept.append(hidden_states[tokens].detach().float())
+        return type(module).forward.__wrapped__(module, hidden_states, top_k_index, top_k_weights)
+
+
+class OffloadedLayer:
+    """One MoE layer's experts under a policy: host float experts, moved experts, device
+    experts; see the module docstring."""
+
+    def __init__(self, index, module, quantized, handles, offload):
+        self.index = index
+        self.module = module
+        self.quantized = quantized  # expert -> QuantizedExpert
+        self.handles = handles  # expert -> ExpertHandle
+        self.offload = offload
+        self.out_scale = max(qe.out_scale for qe in quantized.values())
+        self.experts = module.gate_up_proj.shape[0]
+
+    def host_expert(self, e, x):
+        gate, up = torch.nn.functional.linear(x, self.module.gate_up_proj[e]).chunk(2, dim=-1)
+        return torch.nn.functional.linear(self.module.act_fn(gate) * up, self.module.down_proj[e])
+
+    def __call__(self, hidden_states, top_k_index, top_k_weights):
+        off = self.offload
+        out = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
+        chosen = [e for e in top_k_index.unique().tolist() if e < self.experts]
+        placement = off.policy.place(self.index, chosen, hidden_states)
+        device_experts = []
+        for e in chosen:
+            where = placement[e]
+            tokens, slot = torch.where(top_k_index == e)
+            if where == "device":
+                device_experts.append((e, tokens, top_k_weights[tokens, slot]))
+                continue
+            start = time.perf_counter()
+            y = self.host_expert(e, hidden_states[tokens])
+            out.index_add_(0, tokens, (y * top_k_weights[tokens, slot, None]).float())
+            off.telemetry.host_call(self.index, e, len(tokens), time.perf_counter() - start, moved=where == "move",
+                                    weight_bytes=off.expert_bytes)
+        if device_experts:
+            out += self._device_experts(hidden_states, device_experts).to(out.device)
+        return out.to(hidden_states.dtype)
+
+    def _device_experts(self, hidden_states, calls):
+        """Cold experts on the device, ``max_tokens`` rows at a time; returns ``[T, H]``."""
+        off = self.offload
+        rows_max = off.config.model.max_tokens
+        x = hidden_states.detach().float().cpu()
+        total = torch.zeros(x.shape, dtype=torch.float64)
+        for start in range(0, len(x), rows_max):
+            stop = min(start + rows_max, len(x))
+            batch = []
+            for e, tokens, weights in calls:
+                inside = (tokens >= start) & (tokens < stop)
+                if not inside.any():
+                    continue
+                rows = (tokens[inside] - start).cpu()
+                x_q, mult, shift, _ = quantize_activations(x[tokens[inside].cpu()], off.config.array.act_width)
+                scale = self.quantized[e].out_scale / self.out_scale
+                wq = torch.clamp(torch.round(weights[inside].detach().double().cpu() * scale * WEIGHT_ONE), 0,
+                                 WEIGHT_ONE).to(torch.int64)
+                batch.append((e, x_q, mult, shift, rows, wq))
+            if batch:
+                acc = self._run(batch, stop - start)
+                total[start:stop] += acc.double() * (self.out_scale / WEIGHT_ONE)
+        return total.float()
+
+    def _run(self, batch, rows):
+        """One device batch; the golden reference when there is no device or it fails."""
+        off = self.offload
+        device = off.device
+        start = time.perf_counter()
+        fallback, cycles, sent, received = device is not None, 0, 0, 0
+        if device is not None:
+            before, counters = dict(device.link.stats), off.device_counters()
+            calls = [(self.handles[e], x_q, mult, shift, r.tolist(), w.tolist()) for e, x_q, mult, shift, r, w in batch]
+            try:
+                acc = device.run_experts(calls, rows)
+                fallback = False
+                cycles = off.device_counters() - counters
+            except (DeviceError, LinkError, LinkTimeout, OSError) as error:
+                off.warn_fallback(error)
+            sent = device.link.stats["bytes_out"] - before["bytes_out"]
+            received = device.link.stats["bytes_in"] - before["bytes_in"]
+        if device is None or fallback:
+            acc = self.reference(batch, rows)
+        elapsed = time.perf_counter() - start
+        tokens = sum(len(b[1]) for b in batch)
+        for e, x_q, *_ in batch:
+            share = len(x_q) / tokens
+            off.telemetry.device_call(self.index, e, len(x_q), cycles=round(cycles * share),
+                                      bytes_out=round(sent * share), bytes_in=round(received * share),
+                                      seconds=elapsed * share, fallback=fallback)
+        return acc
+
+    def reference(self, batch, rows):
+        """Golden's integer result of a device batch (the fallback, bit-identical)."""
+        acc = torch.zeros(rows, self.module.down_proj.shape[1], dtype=torch.int64)
+        for e, x_q, mult, shift, r, w in batch:
+            y = expert_int(x_q, mult, shift, self.quantized[e])
+            acc[r] += w[:, None] * y
+        return (acc + (1 << 31)) % (1 << 32) - (1 << 31)
+
+
+class Offload:
+    """The handle :func:`offload` returns: layers, policy, telemetry, and undo.
+
+    Members
+    -------
+    layers : list of OffloadedLayer
+    policy : Policy
+    telemetry : Telemetry
+    frequency : list of tensor
+        Per layer, how often the calibration pass chose each expert.
+    """
+
+    def __init__(self, model, device, config, policy, frequency, expert_bytes):
+        self.model = model
+        self.device = device
+        self.config = config
+        self.policy = policy
+        self.frequency = frequency
+        self.expert_bytes = expert_bytes
+        self.layers = []
+        self.telemetry = Telemetry(len(frequency), len(frequency[0]))
+        self.warned = False
+        self.routers = []
+        self.previous = model.config._experts_implementation
+
+    def device_counters(self):
+        if self.device is None:
+            return 0
+        try:
+            return self.device.read_reg("BUSY_CYCLES")
+        except (LinkError, LinkTimeout, OSError):
+            return 0
+
+    def warn_fallback(self, error):
+        if not self.warned:
+            warnings.warn(f"moegen: device call failed ({error}); computing on the host instead", RuntimeWarning,
+                          stacklevel=4)
+            self.warned = True
+
+    def report(self):
+        """The telemetry as a text table."""
+        return self.telemetry.report()
+
+    def plot(self, path):
+        """Placement heat map and hit rate over time, as an image file."""
+        return self.telemetry.plot(path)
+
+    def remove(self):
+        """Give the model back its previous experts implementation."""
+        for layer in self.layers:
+            _LAYERS.pop(layer.module, None)
+        self.model.set_experts_implementation(self.previous)
+
+
+def _router_of(model, experts):
+    """The router (``gate``) next to an experts module."""
+    for module in model.modules():
+        if getattr(module, "experts", None) is experts and hasattr(module, "gate"):
+            return module.gate
+    raise UserError(f"{type(model).__name__}: no router next to an experts module")
+
+
+def offload(model, device, *, policy="static", hot=None, calibration=None, **policy_options):
+    """Put ``model``'s cold experts on ``device``; returns an :class:`Offload` handle.
+
+    Parameters
+    ----------
+    model : transformers PreTrainedModel
+        A supported MoE family (:data:`SUPPORTED_FAMILIES`) whose expert shapes match the
+        device's config.
+    device : moegen.host.Device
+        A connected device (``open_device``); ``None`` computes device calls with golden on
+        the host (the int8 reference).
+    policy : str
+        A placement policy name (:data:`moegen.host.policies.POLICIES`).
+    hot : int
+        Experts per layer the host keeps (its expert cache or static hot set); default
+        a quarter of the experts.
+    calibration : LongTensor ``[B, S]``
+        Token ids for the profiling pass (expert frequencies and quantization inputs).
+    policy_options
+        Passed to the policy (``link`` for ``cost``); ``config`` (an AccelConfig) when
+        ``device`` is None.
+    """
+    config = device.config if device is not None else policy_options.pop("config")
+    modules = _check_family(model, config)
+    if calibration is None:
+        raise UserError("offload needs calibration token ids (a [batch, seq] tensor) for its profiling pass")
+    experts = modules[0].gate_up_proj.shape[0]
+    hot = max(1, experts // 4) if hot is None else hot
+    if not 0 <= hot <= experts:
+        raise UserError(f"hot must lie in 0..{experts} (experts per layer), not {hot}")
+
+    profiler = _Profiler(modules, CALIBRATION_ROWS)
+    previous = model.config._experts_implementation
+    ALL_EXPERTS_FUNCTIONS.register("moegen-profile", profiler)
+    model.set_experts_implementation("moegen-profile")
+    try:
+        with torch.no_grad():
+            model(input_ids=calibration.to(model.device))
+    finally:
+        model.set_experts_implementation(previous)
+    frequency = [profiler.counts[id(m)] for m in modules]
+    a = config.array
+    expert_bytes = config.image_layout.nbytes
+    handle = Offload(model, device, config, None, frequency, expert_bytes)
+    handle.routers = [_router_of(model, module) for module in modules]
+    handle.policy = make_policy(policy, handle, hot=hot, **policy_options)
+    for index, module in enumerate(modules):
+        quantized, handles = {}, {}
+        for e in range(experts):
+            rows = profiler.inputs[id(module)].get(e)
+            calib = torch.cat(rows)[:CALIBRATION_ROWS] if rows else torch.randn(16, config.model.hidden)
+            pruned = prune_expert(expert_weights(module, e), a.m, a.n)
+            quantized[e] = quantize_expert(pruned, calib, m=a.m, n=a.n, cols=a.cols, weight_bits=a.weight_width,
+                                           act_bits=a.act_width)
+            if device is not None and handle.policy.uses_device(index, e):
+                image = write_image(quantized[e], config_hash=config.device_hash, expert_id=e, layer=index)
+                handles[e] = device.upload_expert(image, expert=e)
+        layer = OffloadedLayer(index, module, quantized, handles, handle)
+        handle.layers.append(layer)
+    for layer in handle.layers:
+        _LAYERS[layer.module] = layer
+    model.set_experts_implementation(IMPLEMENTATION)
+    return handle
+

@@ -1,0 +1,217 @@
+"""Placement policies: for each MoE layer step, where each chosen expert runs.
+
+A policy answers ``place(layer, experts, hidden) -> {expert: "host" | "move" | "device"}``
+(see :mod:`moegen.host.offload`) and ``uses_device(layer, expert)`` (which images to upload).
+The host holds ``hot`` experts per layer. Registered by name in :data:`POLICIES`:
+
+* ``static``: the ``hot`` experts the profiling pass chose most stay on the host, every
+  other expert runs on the device;
+* ``lru``: the mixtral-offloading baseline: an LRU cache of ``hot`` experts per layer on the
+  host; a miss moves the expert's weights into the cache (evicting the least recently
+  used); nothing runs on the device;
+* ``lfu``: the same cache, evicting the least frequently used;
+* ``prefetch``: an LRU cache, plus a predictor that applies layer ``l+1``'s router to layer
+  ``l``'s input (as FLAME and ProMoE do) and moves the predicted experts into the cache
+  ahead of time; experts still missing run on the device. ``recall`` reports how many of
+  the experts a layer chose had been predicted;
+* ``cost``: an LRU cache whose misses go wherever is cheaper by the measured costs: the
+  device (cycles at the board clock plus activation bytes over the link) or a move (the
+  weights over the link, then the host's compute).
+"""
+
+from collections import OrderedDict
+
+import torch
+
+from ..errors import UserError
+
+__all__ = ["LINKS", "POLICIES", "ModeledLink", "Policy", "make_policy"]
+
+
+class ModeledLink:
+    """A host link by its bandwidth and per-request latency, for modeled times."""
+
+    def __init__(self, name, bytes_per_s, latency_s):
+        self.name = name
+        self.bytes_per_s = bytes_per_s
+        self.latency_s = latency_s
+
+    def seconds(self, nbytes, requests=1):
+        return nbytes / self.bytes_per_s + requests * self.latency_s
+
+
+#: PCIe gen3 x4 (3.94 GB/s after 128b/130b, 80% after TLP overhead, 1 us round trip) and a
+#: 3 Mbaud UART (8N1: 300 kB/s).
+LINKS = {
+    "pcie-gen3-x4": ModeledLink("pcie-gen3-x4", 3.94e9 * 0.8, 1e-6),
+    "uart-3m": ModeledLink("uart-3m", 3e6 / 10, 0.0),
+}
+
+
+class Policy:
+    """Base: every chosen expert on the host (everything resident)."""
+
+    name = "host"
+
+    def __init__(self, offload, *, hot):
+        self.offload = offload
+        self.hot = hot
+        self.layers = len(offload.frequency)
+
+    def uses_device(self, layer, expert):
+        return False
+
+    def place(self, layer, experts, hidden):
+        return dict.fromkeys(experts, "host")
+
+
+class Static(Policy):
+    name = "static"
+
+    def __init__(self, offload, *, hot):
+        super().__init__(offload, hot=hot)
+        self.resident = [set(torch.argsort(f, descending=True, stable=True)[:hot].tolist()) for f in offload.frequency]
+
+    def uses_device(self, layer, expert):
+        return expert not in self.resident[layer]
+
+    def place(self, layer, experts, hidden):
+        tel = self.offload.telemetry
+        placement = {}
+        for e in experts:
+            placement[e] = "host" if e in self.resident[layer] else "device"
+            tel.hit(layer, e, True)  # every expert is resident somewhere: nothing moves
+        return placement
+
+
+class LRU(Policy):
+    name = "lru"
+
+    def __init__(self, offload, *, hot):
+        super().__init__(offload, hot=hot)
+        self.cache = [OrderedDict() for _ in range(self.layers)]
+        self.uses = [torch.zeros(len(offload.frequency[0]), dtype=torch.int64) for _ in range(self.layers)]
+
+    def _victim(self, layer):
+        return next(iter(self.cache[layer]))
+
+    def _admit(self, layer, e):
+        """Make ``e`` resident; True when it already was."""
+        cache = self.cache[layer]
+        self.uses[layer][e] += 1
+        if e in cache:
+            cache.move_to_end(e)
+            return True
+        if self.hot == 0:
+            return False
+        if len(cache) >= self.hot:
+            del cache[self._victim(layer)]
+        cache[e] = True
+        return False
+
+    def place(self, layer, experts, hidden):
+        placement = {}
+        for e in experts:
+            resident = self._admit(layer, e)
+            self.offload.telemetry.hit(layer, e, resident)
+            placement[e] = "host" if resident else "move"
+        return placement
+
+
+class LFU(LRU):
+    name = "lfu"
+
+    def _victim(self, layer):
+        uses = self.uses[layer]
+        return min(self.cache[layer], key=lambda e: (int(uses[e]), list(self.cache[layer]).index(e)))
+
+
+class Prefetch(LRU):
+    name = "prefetch"
+
+    def __init__(self, offload, *, hot):
+        super().__init__(offload, hot=hot)
+        self.predicted = [None] * self.layers
+        self.recall = [0, 0]  # predicted and chosen, chosen
+
+    def uses_device(self, layer, expert):
+        return True
+
+    def _predict(self, layer, hidden):
+        """Layer ``layer``'s likely experts from ``hidden`` through its router weights."""
+        gate = self.offload.routers[layer]
+        logits = torch.nn.functional.linear(hidden.float(), gate.weight.float())
+        k = self.offload.model.config.num_experts_per_tok
+        return set(torch.topk(logits, k, dim=-1).indices.unique().tolist())
+
+    def place(self, layer, experts, hidden):
+        tel = self.offload.telemetry
+        predicted = self.predicted[layer]
+        if predicted is not None:
+            self.recall[0] += len(predicted & set(experts))
+            self.recall[1] += len(experts)
+        placement = {}
+        for e in experts:
+            resident = e in self.cache[layer]
+            if resident:
+                self.cache[layer].move_to_end(e)
+                self.uses[layer][e] += 1
+            tel.hit(layer, e, resident)
+            placement[e] = "host" if resident else "device"
+        if layer + 1 < self.layers:
+            ahead = self._predict(layer + 1, hidden)
+            self.predicted[layer + 1] = ahead
+            for e in ahead:
+                if not self._admit(layer + 1, e):
+                    tel.prefetch(layer + 1, e, self.offload.expert_bytes)
+        return placement
+
+    @property
+    def recall_rate(self):
+        return self.recall[0] / self.recall[1] if self.recall[1] else float("nan")
+
+
+class Cost(LRU):
+    name = "cost"
+
+    def __init__(self, offload, *, hot, link="pcie-gen3-x4"):
+        super().__init__(offload, hot=hot)
+        if link not in LINKS:
+            raise UserError(f"unknown link {link!r}; known links: {', '.join(LINKS)}")
+        self.link = LINKS[link]
+
+    def uses_device(self, layer, expert):
+        return True
+
+    def place(self, layer, experts, hidden):
+        tel = self.offload.telemetry
+        config = self.offload.config
+        placement = {}
+        for e in experts:
+            tokens = hidden.shape[0]
+            if e in self.cache[layer]:
+                self._admit(layer, e)
+                tel.hit(layer, e, True)
+                placement[e] = "host"
+                continue
+            tel.hit(layer, e, False)
+            host_s = tel.host_seconds_per_token() * tokens
+            move_s = self.link.seconds(self.offload.expert_bytes) + host_s
+            act_bytes = tokens * (4 + config.model.hidden) + tokens * 4 * config.model.hidden
+            device_s = tel.device_cycles_per_token() * tokens / (config.target.clock_mhz * 1e6) \
+                + self.link.seconds(act_bytes, requests=4)
+            if move_s < device_s:
+                self._admit(layer, e)
+                placement[e] = "move"
+            else:
+                placement[e] = "device"
+        return placement
+
+
+POLICIES = {cls.name: cls for cls in (Static, LRU, LFU, Prefetch, Cost)}
+
+
+def make_policy(name, offload, *, hot, **options):
+    if name not in POLICIES:
+        raise UserError(f"unknown policy {name!r}; known policies: {', '.join(POLICIES)}")
+    return POLICIES[name](offload, hot=hot, **options)

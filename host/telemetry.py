@@ -1,0 +1,173 @@
+"""What the offload did, per layer and expert: calls, tokens, hits, bytes, cycles, time.
+
+:class:`Telemetry` is filled by :mod:`moegen.host.offload` and the policies. ``report()`` is
+a text table per layer; ``summary(link)`` the totals and the modeled decode time with a
+:class:`~moegen.host.policies.ModeledLink`; ``plot(path)`` a placement heat map and the hit
+rate over time (matplotlib, no display needed).
+"""
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+__all__ = ["ExpertCounters", "Telemetry"]
+
+
+@dataclass
+class ExpertCounters:
+    calls: int = 0  # layer steps that chose the expert
+    tokens: int = 0
+    host_calls: int = 0
+    host_tokens: int = 0
+    device_calls: int = 0
+    device_tokens: int = 0
+    hits: int = 0  # chosen while resident (host cache or device), no weights moved
+    misses: int = 0
+    moves: int = 0  # weights moved into the host cache on demand
+    prefetches: int = 0  # weights moved ahead of time (overlapped with compute)
+    weight_bytes: int = 0  # weight bytes moved (moves and prefetches)
+    bytes_out: int = 0  # link bytes host -> device for device calls
+    bytes_in: int = 0
+    device_cycles: int = 0
+    host_s: float = 0.0
+    device_s: float = 0.0
+    fallbacks: int = 0
+
+
+class Telemetry:
+    """Counters per (layer, expert) and the hit/miss sequence."""
+
+    def __init__(self, layers, experts):
+        self.layers = layers
+        self.experts = experts
+        self.reset()
+
+    def reset(self):
+        """Zero every counter (for instance after a warm-up)."""
+        self.counters = [[ExpertCounters() for _ in range(self.experts)] for _ in range(self.layers)]
+        self.sequence = []  # 1 for a hit, 0 for a miss, in order
+        self.steps = 0
+
+    def __getitem__(self, index):
+        layer, expert = index
+        return self.counters[layer][expert]
+
+    def hit(self, layer, expert, resident):
+        c = self.counters[layer][expert]
+        c.hits += resident
+        c.misses += not resident
+        self.sequence.append(int(resident))
+
+    def prefetch(self, layer, expert, nbytes):
+        c = self.counters[layer][expert]
+        c.prefetches += 1
+        c.weight_bytes += nbytes
+
+    def host_call(self, layer, expert, tokens, seconds, *, moved, weight_bytes):
+        c = self.counters[layer][expert]
+        c.calls += 1
+        c.tokens += tokens
+        c.host_calls += 1
+        c.host_tokens += tokens
+        c.host_s += seconds
+        if moved:
+            c.moves += 1
+            c.weight_bytes += weight_bytes
+
+    def device_call(self, layer, expert, tokens, *, cycles, bytes_out, bytes_in, seconds, fallback):
+        c = self.counters[layer][expert]
+        c.calls += 1
+        c.tokens += tokens
+        c.device_calls += 1
+        c.device_tokens += tokens
+        c.device_cycles += cycles
+        c.bytes_out += bytes_out
+        c.bytes_in += bytes_in
+        c.device_s += seconds
+        c.fallbacks += fallback
+
+    def totals(self, layer=None):
+        """Sum of the counters of one layer, or of all."""
+        rows = self.counters if layer is None else [self.counters[layer]]
+        total = ExpertCounters()
+        for row in rows:
+            for c in row:
+                for f in fields(ExpertCounters):
+                    setattr(total, f.name, getattr(total, f.name) + getattr(c, f.name))
+        return total
+
+    def host_seconds_per_token(self):
+        t = self.totals()
+        return t.host_s / t.host_tokens if t.host_tokens else 1e-4
+
+    def device_cycles_per_token(self):
+        t = self.totals()
+        return t.device_cycles / t.device_tokens if t.device_tokens else 1e4
+
+    def hit_rate(self):
+        return float(np.mean(self.sequence)) if self.sequence else float("nan")
+
+    def summary(self, link, *, clock_mhz, tokens):
+        """Totals and the modeled time per token over ``link`` (host compute as measured,
+        moves and device activations over the link, device cycles at ``clock_mhz``)."""
+        t = self.totals()
+        device_calls = t.device_calls
+        # on-demand moves stall the step; prefetches overlap with compute
+        moved_bytes = t.weight_bytes * t.moves / max(1, t.moves + t.prefetches)
+        moved_s = link.seconds(moved_bytes, t.moves)
+        device_s = t.device_cycles / (clock_mhz * 1e6) + link.seconds(t.bytes_out + t.bytes_in, 4 * device_calls)
+        total_s = t.host_s + moved_s + device_s
+        return {
+            "link": link.name,
+            "tokens": tokens,
+            "hit_rate": self.hit_rate(),
+            "host_calls": t.host_calls,
+            "device_calls": device_calls,
+            "moves": t.moves,
+            "prefetches": t.prefetches,
+            "weight_bytes_moved": t.weight_bytes,
+            "link_bytes_device": t.bytes_out + t.bytes_in,
+            "device_cycles": t.device_cycles,
+            "fallbacks": t.fallbacks,
+            "host_s": t.host_s,
+            "modeled_s_per_token": total_s / max(1, tokens),
+        }
+
+    def report(self):
+        """Per layer: calls, tokens on host and device, hit rate, bytes, cycles, fallbacks."""
+        head = ("layer", "calls", "host_tok", "dev_tok", "hit_rate", "moves", "prefetch", "weight_MB", "link_kB",
+                "dev_cycles", "fallbacks")
+        rows = [head]
+        for layer in [*range(self.layers), None]:
+            t = self.totals(layer)
+            seen = t.hits + t.misses
+            rows.append(("all" if layer is None else str(layer), str(t.calls), str(t.host_tokens),
+                         str(t.device_tokens), f"{t.hits / seen:.3f}" if seen else "-", str(t.moves),
+                         str(t.prefetches), f"{t.weight_bytes / 1e6:.2f}", f"{(t.bytes_out + t.bytes_in) / 1e3:.1f}",
+                         str(t.device_cycles), str(t.fallbacks)))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+        return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(r, widths, strict=True)) for r in rows)
+
+    def plot(self, path):
+        """Two panels: the share of each (layer, expert)'s tokens that ran on the device,
+        and the hit rate over a sliding window of expert choices. Returns ``path``."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from matplotlib import pyplot as plt
+
+        share = np.array([[c.device_tokens / c.tokens if c.tokens else np.nan for c in row]
+                          for row in self.counters])
+        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+        image = left.imshow(share, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        left.set(title="share of tokens on the device", xlabel="expert", ylabel="layer")
+        fig.colorbar(image, ax=left)
+        if self.sequence:
+            window = max(1, min(200, len(self.sequence) // 10))
+            rate = np.convolve(self.sequence, np.ones(window) / window, mode="valid")
+            right.plot(rate)
+        right.set(title="hit rate (sliding window)", xlabel="expert choice", ylabel="hit rate", ylim=(0, 1.05))
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path

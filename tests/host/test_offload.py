@@ -1,0 +1,154 @@
+import pytest
+import torch
+from transformers import (
+    DeepseekV3Config,
+    DeepseekV3ForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    OlmoeConfig,
+    OlmoeForCausalLM,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
+)
+
+from moegen.config import load_config
+from moegen.errors import UserError
+from moegen.host.device import open_device
+from moegen.host.offload import experts_modules, offload
+from moegen.host.policies import POLICIES
+
+SHAPES = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+          "num_key_value_heads": 1, "vocab_size": 64, "max_position_embeddings": 64}
+
+
+def _family(name):
+    """A tiny random instance of each supported family (no downloads), experts 16 x 32."""
+    torch.manual_seed(0)
+    if name == "mixtral":
+        return MixtralForCausalLM(MixtralConfig(**SHAPES, num_local_experts=4, num_experts_per_tok=2))
+    if name == "qwen2_moe":
+        return Qwen2MoeForCausalLM(Qwen2MoeConfig(**SHAPES, num_experts=4, num_experts_per_tok=2,
+                                                  moe_intermediate_size=32, shared_expert_intermediate_size=32))
+    if name == "qwen3_moe":
+        return Qwen3MoeForCausalLM(Qwen3MoeConfig(**SHAPES, num_experts=4, num_experts_per_tok=2,
+                                                  moe_intermediate_size=32, head_dim=8))
+    if name == "olmoe":
+        return OlmoeForCausalLM(OlmoeConfig(**SHAPES, num_experts=4, num_experts_per_tok=2))
+    return DeepseekV3ForCausalLM(DeepseekV3Config(
+        **SHAPES, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
+        first_k_dense_replace=0, n_group=1, topk_group=1, q_lora_rank=8, kv_lora_rank=8, qk_rope_head_dim=4,
+        qk_nope_head_dim=4, v_head_dim=8))
+
+
+def _ids(seed, batch=1, length=12):
+    return torch.randint(0, 64, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"])
+def test_offloaded_logits_equal_the_host_int8_reference_and_stay_near_float(family):
+    config = load_config("tiny")
+    model = _family(family).eval()
+    assert len(experts_modules(model)) == 2
+    ids = _ids(1)
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits
+    golden = offload(model, None, policy="static", hot=1, calibration=_ids(2, 2), config=config)
+    with torch.no_grad():
+        host_int8 = model(input_ids=ids).logits
+    golden.remove()
+    with open_device(config, "model") as device:
+        handle = offload(model, device, policy="static", hot=1, calibration=_ids(2, 2))
+        with torch.no_grad():
+            offloaded = model(input_ids=ids).logits
+        totals = handle.telemetry.totals()
+        assert totals.device_tokens > 0 and totals.host_tokens > 0 and totals.fallbacks == 0
+        handle.remove()
+    assert torch.equal(offloaded, host_int8)
+    # int8 + 2:4 pruning of random experts: the logits move, but stay correlated with float
+    cos = torch.nn.functional.cosine_similarity(offloaded.flatten(), reference.flatten(), dim=0)
+    assert cos > 0.9
+
+
+def test_a_failing_device_falls_back_to_the_host_with_the_same_output():
+    config = load_config("tiny")
+    model = _family("mixtral").eval()
+    ids = _ids(3)
+    with open_device(config, "model", timeout=0.01, retries=2) as device:
+        handle = offload(model, device, policy="static", hot=1, calibration=_ids(2, 2))
+        with torch.no_grad():
+            good = model(input_ids=ids).logits
+
+        class Dead:
+            def write(self, data):
+                raise OSError("link down")
+
+            def read(self, limit, timeout):
+                return b""
+
+            def close(self):
+                pass
+
+        device.link.transport = Dead()
+        with pytest.warns(RuntimeWarning, match="device call failed .*computing on the host"), torch.no_grad():
+            fallen = model(input_ids=ids).logits
+        assert torch.equal(fallen, good)
+        assert handle.telemetry.totals().fallbacks > 0
+        handle.remove()
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_every_policy_runs_and_reports(tmp_path, policy):
+    config = load_config("tiny")
+    model = _family("mixtral").eval()
+    with open_device(config, "model") as device:
+        handle = offload(model, device, policy=policy, hot=2, calibration=_ids(2, 2))
+        with torch.no_grad():
+            model(input_ids=_ids(4))
+        report = handle.report()
+        assert report.splitlines()[0].split()[:3] == ["layer", "calls", "host_tok"]
+        assert handle.plot(tmp_path / "p.png").stat().st_size > 1000
+        t = handle.telemetry.totals()
+        assert t.calls > 0 and t.hits + t.misses > 0
+        if policy in ("lru", "lfu"):
+            assert t.device_calls == 0 and t.moves > 0
+        if policy == "static":
+            assert t.moves == 0
+        handle.remove()
+
+
+def test_lru_and_lfu_evict_what_they_should():
+    from moegen.host.policies import LFU, LRU
+    from moegen.host.telemetry import Telemetry
+
+    class Stub:
+        def __init__(self):
+            self.frequency = [torch.zeros(4)]
+            self.telemetry = Telemetry(1, 4)
+
+    lru, lfu = LRU(Stub(), hot=2), LFU(Stub(), hot=2)
+    for e in [0, 0, 0, 1, 2]:
+        lru.place(0, [e], None)
+        lfu.place(0, [e], None)
+    assert list(lru.cache[0]) == [1, 2]  # 0 was least recently used
+    assert sorted(lfu.cache[0]) == [0, 2]  # 1 was least frequently used
+
+
+def test_bad_models_and_configs_are_named():
+    config = load_config("tiny")
+    model = _family("mixtral")
+    with open_device(config, "model") as device:
+        with pytest.raises(UserError, match="offload needs calibration token ids"):
+            offload(model, device)
+        with pytest.raises(UserError, match="unknown policy 'fifo'; known policies: "):
+            offload(model, device, policy="fifo", calibration=_ids(1))
+        with pytest.raises(UserError, match=r"hot must lie in 0\.\.4"):
+            offload(model, device, hot=9, calibration=_ids(1))
+    wide = MixtralForCausalLM(MixtralConfig(**{**SHAPES, "hidden_size": 32}, num_local_experts=4))
+    with open_device(config, "model") as device, pytest.raises(UserError, match="model experts are hidden 32, ffn 32"):
+        offload(wide, device, calibration=_ids(1))
+    gpt2 = torch.nn.Module()
+    gpt2.config = type("C", (), {"model_type": "gpt2"})()
+    with open_device(config, "model") as device, pytest.raises(UserError, match="'gpt2' is not supported; supported"):
+        offload(gpt2, device, calibration=_ids(1))
