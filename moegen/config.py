@@ -106,9 +106,9 @@ class _Section:
 
 @dataclass(frozen=True)
 class RouterConfig(_Section):
-    experts: int = param(16, lo=2, hi=256, doc="routed experts E")
+    experts: int = param(8, lo=2, hi=256, doc="routed experts E")
     k_max: int = param(2, lo=1, hi=8, doc="largest per-layer k the router supports")
-    lanes: int = param(16, lo=1, hi=256, doc="logits accepted per cycle P (a token takes ceil(E/P) cycles)")
+    lanes: int = param(8, lo=1, hi=256, doc="logits accepted per cycle P (a token takes ceil(E/P) cycles)")
     logit_width: int = param(16, lo=4, hi=32, doc="bits of a signed fixed-point logit")
     logit_frac: int = param(8, lo=0, hi=31, doc="fractional bits of a logit")
     weight_width: int = param(16, lo=4, hi=24, doc="bits of an unsigned routing weight (weight_width-1 fractional)")
@@ -151,14 +151,14 @@ class MemoryConfig(_Section):
     port_width: int = param(64, choices=_POW2_8_TO_512, doc="device-memory read port in bits")
     burst_len: int = param(16, lo=1, hi=256, doc="beats per burst")
     outstanding: int = param(2, lo=1, hi=16, doc="bursts in flight")
-    size_bytes: int = param(1 << 20, lo=4096, hi=1 << 32, multiple_of=64, doc="device memory size")
+    size_bytes: int = param(1 << 21, lo=4096, hi=1 << 32, multiple_of=64, doc="device memory size")
     latency: int = param(16, lo=0, hi=1024, doc="read latency in cycles of the simulation memory model")
 
 
 @dataclass(frozen=True)
 class ModelConfig(_Section):
-    hidden: int = param(256, lo=1, hi=65535, doc="model width H (expert input and output)")
-    ffn: int = param(512, lo=1, hi=65535, doc="expert intermediate width I")
+    hidden: int = param(128, lo=1, hi=65535, doc="model width H (expert input and output)")
+    ffn: int = param(256, lo=1, hi=65535, doc="expert intermediate width I")
     max_tokens: int = param(64, lo=1, hi=65535, doc="tokens per expert run")
     layers: int = param(4, lo=1, hi=256, doc="MoE layers (per-layer k registers)")
 

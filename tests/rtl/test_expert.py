@@ -168,7 +168,7 @@ def test_verilog_default_config_matches_golden():
 def test_engine_from_config_matches_its_array():
     config = load_config("default")
     engine = ExpertEngine.from_config(config)
-    assert (engine.rows, engine.cols, engine.m, engine.n, engine.hidden, engine.ffn) == (8, 8, 2, 4, 256, 512)
+    assert (engine.rows, engine.cols, engine.m, engine.n, engine.hidden, engine.ffn) == (8, 8, 2, 4, 128, 256)
     assert engine.step_bits == len(engine.weights.payload) == config.image_layout.matrices[0].step_bits
     Fragment.get(engine, None)  # elaborated, so Amaranth does not warn it was never used
 

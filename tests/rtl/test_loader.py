@@ -28,19 +28,19 @@ def test_geometry_of_the_default_config():
     g = LoaderGeometry.from_config(load_config("default"))
     # a 2:4 step record of 8 columns is 20 bytes: bank words are three 8-byte port words
     assert (g.step_bytes, g.word_bytes, g.lanes, g.bank_words) == (20, 24, 3, 342)
-    assert (g.tile_beats, g.tile_words, g.tiles_per_image) == ((160, 320), (54, 107), 160)
-    assert g.param_counts == (2 * 512 + 256 + 2, 64)
-    assert g.run_bytes == 64 + 4 * 1282 + 256 + 128 * 1280 + 32 * 2560
+    assert (g.tile_beats, g.tile_words, g.tiles_per_image) == ((80, 160), (27, 54), 80)
+    assert g.param_counts == (2 * 256 + 128 + 2, 64)
+    assert g.run_bytes == 64 + 4 * 642 + 256 + 64 * 640 + 16 * 1280
     assert g.verify_bytes == load_config("default").image_layout.nbytes - HEADER_SIZE
-    assert g.verified_images == 4  # 1 MiB holds four images
+    assert g.verified_images == 32  # 2 MiB holds 32 images: every expert of the demo model
     assert g.record_offsets() == [0, 4, 8, 12, 16, 20]
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [
     ({"banks": 1}, r"banks must be an integer in 2\.\.8, not 1"),
     ({"bank_bytes": 0}, r"bank_bytes must be an integer in 1\.\.16777216, not 0"),
-    ({"bank_bytes": 1024}, r"bank_bytes must hold one gate/up tile of 1280 bytes, not 1024"),
-    ({"bank_bytes": 2048}, r"bank_bytes must hold one down tile of 2560 bytes, not 2048"),
+    ({"bank_bytes": 512}, r"bank_bytes must hold one gate/up tile of 640 bytes, not 512"),
+    ({"bank_bytes": 1024}, r"bank_bytes must hold one down tile of 1280 bytes, not 1024"),
     ({"port_width": 48}, r"port_width must be one of 8, 16, 32, 64, 128, 256, 512, not 48"),
     ({"burst_len": 0}, r"burst_len must be an integer in 1\.\.256, not 0"),
     ({"outstanding": 17}, r"outstanding must be an integer in 1\.\.16, not 17"),

@@ -94,9 +94,9 @@ def elaborated(router):
 
 def test_from_config_and_stated_timing():
     router = elaborated(TopKRouter.from_config(RouterConfig()))
-    assert (router.experts, router.k_max, router.lanes, router.mode) == (16, 2, 16, "softmax_topk_renorm")
-    # input register, 4 tree stages, 3 exp, sum, 13 reciprocal, product, weight, prefix sums, output
-    assert router.beats == 1 and router.LATENCY == 1 + 4 + 3 + 1 + 13 + 4
+    assert (router.experts, router.k_max, router.lanes, router.mode) == (8, 2, 8, "softmax_topk_renorm")
+    # input register, 3 tree stages, 3 exp, sum, 13 reciprocal, product, weight, prefix sums, output
+    assert router.beats == 1 and router.LATENCY == 1 + 3 + 3 + 1 + 13 + 4
     deepseek = elaborated(TopKRouter(experts=256, k_max=8, lanes=16, mode="sigmoid_bias_renorm"))
     assert deepseek.beats == 16 and deepseek.LATENCY == 31  # the docstring's second example
     assert elaborated(TopKRouter(experts=100, k_max=1, lanes=9)).beats == 12
