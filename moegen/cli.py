@@ -68,6 +68,59 @@ def _bench(args):
     return 0
 
 
+def _sim_binary(args):
+    from .config import load_config
+    from .host.sim import HarnessError, build
+
+    config = load_config(args.config)
+    try:
+        return config, build(config, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    except HarnessError as error:
+        raise UserError(str(error)) from None
+
+
+def _sim_build(args):
+    print(_sim_binary(args)[1])
+    return 0
+
+
+def _sim_run(args):
+    import os
+    import tempfile
+
+    config, binary = _sim_binary(args)
+    socket = args.socket or os.path.join(tempfile.gettempdir(), f"moegen-{config.name}-{config.device_hash:08x}.sock")
+    sys.stdout.flush()
+    # the harness replaces this process: Ctrl-C and SIGTERM reach it directly, and it prints its summary
+    os.execv(binary, [str(binary), "--socket", socket])
+
+
+def _bitstream(args):
+    from .boards.build import BuildFailed, build_bitstream
+    from .config import PRESETS, load_config
+
+    source = args.config or (args.board if args.board in PRESETS else None)
+    if source is None:
+        if args.board is None:
+            raise UserError("give --board, --config or both")
+        from .boards import get_board
+
+        get_board(args.board)  # an unknown board lists the known ones
+        raise UserError(f"board {args.board} has no preset config; give --config")
+    config = load_config(source)
+    try:
+        report = build_bitstream(config, args.board, out=args.out, seed=args.seed,
+                                 stop_after=args.stop_after and args.stop_after.replace("-", " "),
+                                 progress=lambda line: print(line, flush=True))
+    except BuildFailed as error:
+        print("\n".join(error.report.table()))
+        print(f"moegen: error: {error}", file=sys.stderr)
+        return 1
+    print("\n".join(report.table()))
+    print(f"{report.status}: {report.directory} ({', '.join(report.files)})")
+    return 0
+
+
 def _parser():
     from .benchmarks import available, load
     from .verify import TARGETS
@@ -99,6 +152,32 @@ def _parser():
         sub.add_argument("--seed", type=int, default=1, help="random seed")
         target.add_arguments(sub)
         sub.set_defaults(func=_verify)
+
+    sim = commands.add_parser("sim", help="the accelerator on the Verilator harness").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    sim_build = sim.add_parser("build", help="build the harness of a config (cached by content)")
+    sim_build.add_argument("--config", required=True, help="YAML file or preset name")
+    sim_build.set_defaults(func=_sim_build)
+    sim_run = sim.add_parser("run", help="build if needed, then serve the device on a Unix socket until Ctrl-C")
+    sim_run.add_argument("--config", required=True, help="YAML file or preset name")
+    sim_run.add_argument("--socket", help="Unix socket path (default: moegen-NAME-HASH.sock in the temp folder)")
+    sim_run.set_defaults(func=_sim_run)
+    demo = sim.add_parser("demo", help="the main job (make sim): the demo model with cold experts on the simulated "
+                                       "device, with a report")
+    from .host import mainjob
+
+    mainjob.add_arguments(demo)
+    demo.set_defaults(func=mainjob.run)
+
+    bitstream = commands.add_parser("bitstream", help="build a config for a board: bitstream, resource and timing "
+                                    "report (vendor boards: project files)")
+    bitstream.add_argument("--board", help="board name (default: the config's target.board)")
+    bitstream.add_argument("--config", help="YAML file or preset (default: the board's preset)")
+    bitstream.add_argument("--out", help="output folder (default: build/boards/BOARD/NAME-HASH16)")
+    bitstream.add_argument("--seed", type=int, default=1, help="nextpnr placement seed")
+    bitstream.add_argument("--stop-after", choices=("elaborate", "synthesize", "place-and-route"),
+                           help="stop after this stage (no bitstream)")
+    bitstream.set_defaults(func=_bitstream)
 
     bench = commands.add_parser("bench", help="run a benchmark (no NAME: list them)")
     bench.set_defaults(func=_bench, name=None)
