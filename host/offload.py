@@ -95,8 +95,8 @@ def _check_family(model, config):
 
 def expert_weights(module, e):
     """Float weights of expert ``e`` of a fused experts module."""
-    gate, up = module.gate_up_proj[e].detach().float().chunk(2, dim=0)
-    return ExpertWeights(gate, up, module.down_proj[e].detach().float())
+    gate, up = module.gate_up_proj[e].detach().float().cpu().chunk(2, dim=0)
+    return ExpertWeights(gate, up, module.down_proj[e].detach().float().cpu())
 
 
 class _Profiler:
@@ -116,7 +116,7 @@ class _Profiler:
             counts[e] += int(tokens.sum())
             kept = inputs.setdefault(e, [])
             if sum(len(x) for x in kept) < self.rows:
-                kept.append(hidden_states[tokens].detach().float())
+                kept.append(hidden_states[tokens].detach().float().cpu())
         return type(module).forward.__wrapped__(module, hidden_states, top_k_index, top_k_weights)
 
 
