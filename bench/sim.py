@@ -23,7 +23,7 @@ def add_arguments(parser):
 def run(args):
     from moegen.config import load_config
     from moegen.host.device import open_device
-    from moegen.host.sim import build, launch
+    from moegen.host.sim import build, launch, ram_verilog
     from moegen.rtl.testbench.device import Workload
     from moegen.rtl.top import Accelerator
     from moegen.simulation import run_cocotb
@@ -38,7 +38,8 @@ def run(args):
     if wrong:
         raise RuntimeError(f"harness: output buffers at {wrong} differ from golden")
     text = config.to_yaml() if args.config not in ("default", "tiny") else args.config
-    result = run_cocotb(Accelerator(config), name="moegen_top", test_module="moegen.rtl.testbench.top",
+    result = run_cocotb(Accelerator(config, memory="harness"), name="moegen_top",
+                        test_module="moegen.rtl.testbench.top", extra_sources=ram_verilog(),
                         params={"config": text, "seed": args.seed, "errors": False, "idle": 0.0, "stall": 0.0})
     if not result.ok:
         raise RuntimeError(f"cocotb run failed; see {result.log}")

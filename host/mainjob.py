@@ -49,6 +49,7 @@ class _Progress:
 
 def run(args):
     import torch
+    from transformers.utils import logging as hf_logging
 
     from ..config import load_config
     from ..errors import UserError
@@ -67,6 +68,7 @@ def run(args):
     step = _Progress()
     step(f"config {config.name} (device hash 0x{config.device_hash:08x}): building the simulated device")
     binary = build(config, progress=step)
+    hf_logging.disable_progress_bar()  # our own progress lines say what runs
     model = load_demo(None if args.checkpoint is None else Path(args.checkpoint))
     heldout = corpus.heldout(args.heldout)
     train = corpus.training_text()

@@ -34,7 +34,8 @@ from ..generate import stamp
 from ..simulation import build_root
 from ..toolchain import VERILATOR_LINT_FLAGS, find_verilator
 
-__all__ = ["BINARY", "TOP_PORTS", "Harness", "HarnessError", "HarnessSummary", "accelerator", "build", "launch"]
+__all__ = ["BINARY", "TOP_PORTS", "Harness", "HarnessError", "HarnessSummary", "accelerator", "build", "launch",
+           "ram_verilog"]
 
 #: Name of the harness executable in its build folder.
 BINARY = "moegen-harness"
@@ -57,6 +58,12 @@ def accelerator(config):
     from ..rtl.top import Accelerator
 
     return Accelerator(config, memory="harness")
+
+
+def ram_verilog():
+    """``{"ram.v": text}``: the Verilog RAM model of the harness's device memory, for other
+    builds of ``Accelerator(config, memory="harness")`` (``run_cocotb(extra_sources=...)``)."""
+    return {"ram.v": _harness_sources()["ram.v"]}
 
 
 def _harness_sources():

@@ -79,8 +79,9 @@ def _locked(path):
         yield
 
 
-def run_cocotb(component, *, name, test_module, params, seed=1, testcase=None):
-    """Elaborate ``component`` as Verilog module ``name``, build it, and run ``test_module``.
+def run_cocotb(component, *, name, test_module, params, seed=1, testcase=None, extra_sources=None):
+    """Elaborate ``component`` as Verilog module ``name``, build it (with ``extra_sources``,
+    file name -> Verilog text of modules the component instantiates), and run ``test_module``.
 
     Returns a :class:`SimResult`. Build errors raise ``RuntimeError`` with the log path.
     """
@@ -90,7 +91,8 @@ def run_cocotb(component, *, name, test_module, params, seed=1, testcase=None):
     tool = find_verilator()
     source = verilog.convert(component, name=name, emit_src=False)
     flags = [*VERILATOR_LINT_FLAGS, "-O3"]
-    key = hashlib.sha256("\n".join([source, *flags, str(tool.version)]).encode()).hexdigest()[:16]
+    extra = dict(extra_sources or {})
+    key = hashlib.sha256("\n".join([source, *flags, str(tool.version), *extra.values()]).encode()).hexdigest()[:16]
     build_dir = build_root() / "cocotb" / f"{name}-{key}"
     env = tool.env()
 
@@ -100,9 +102,12 @@ def run_cocotb(component, *, name, test_module, params, seed=1, testcase=None):
         if not (build_dir / name).exists():
             build_dir.mkdir(parents=True, exist_ok=True)
             (build_dir / f"{name}.v").write_text(source)
+            for file, text in extra.items():
+                (build_dir / file).write_text(text)
             start = time.monotonic()
             try:
-                runner.build(sources=[build_dir / f"{name}.v"], hdl_toplevel=name, build_dir=build_dir,
+                runner.build(sources=[build_dir / f"{name}.v", *(build_dir / file for file in extra)],
+                             hdl_toplevel=name, build_dir=build_dir,
                              build_args=flags, log_file=build_dir / "build.log")
             except (RuntimeError, SystemExit) as error:
                 log = build_dir / "build.log"
