@@ -1,7 +1,13 @@
 """The host driver on the Verilator harness: bit-exact against golden, faults, identity."""
 
 import dataclasses
+import os
+import pty
+import select
+import socket
+import threading
 import time
+import tty
 
 import pytest
 
@@ -70,3 +76,36 @@ def test_a_harness_that_dies_mid_session_times_out_in_bounded_time():
         device.counters()
     assert time.monotonic() - start < 5
     device.close()
+
+
+def _bridge(master, sock, stop):
+    """Copy bytes between a pty's master side and the harness socket until ``stop`` is set."""
+    while not stop.is_set():
+        ready, _, _ = select.select([master, sock], [], [], 0.05)
+        if master in ready:
+            sock.sendall(os.read(master, 4096))
+        if sock in ready:
+            data = sock.recv(4096)
+            if not data:
+                return
+            os.write(master, data)
+
+
+def test_the_serial_transport_over_a_pty_bridged_to_the_harness(tiny_harness):
+    config, harness = tiny_harness
+    master, slave = pty.openpty()
+    tty.setraw(slave)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(harness.socket)
+    stop = threading.Event()
+    bridge = threading.Thread(target=_bridge, args=(master, sock, stop), daemon=True)
+    bridge.start()
+    try:
+        with open_device(config, "serial", address=os.ttyname(slave), timeout=0.5) as device:
+            check_device_matches_golden(device, config, seed=6)
+    finally:
+        stop.set()
+        bridge.join(timeout=5)
+        sock.close()
+        os.close(master)
+        os.close(slave)
