@@ -6,7 +6,7 @@
 #   make bitstream  a bitstream for BOARD (default ulx3s-85f) from CONFIG (default: the board's
 #                 preset), with its resource and timing report (see docs/boards.md)
 #   make train-demo  retrain the demo MoE model that `make sim` runs (host/demo/checkpoint/):
-#                 seeded, the same checkpoint again on the same machine, minutes on 2 cores
+#                 seeded, the same checkpoint again on the same machine, about 7 minutes
 #   make clean    remove build outputs (keeps .venv)
 #
 # Variables: PYTHON (interpreter for the venv), TORCH (the torch requirement; the default is
