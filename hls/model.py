@@ -1,0 +1,371 @@
+"""Analytic models of the device: cycles of its commands and FPGA resources of a config.
+
+Cycle model (checked against the Verilator harness in ``tests/hls/test_model.py``):
+
+* **Memory**: a burst of ``b`` port words issued at ``t`` delivers its first word ``latency``
+  cycles later (at least 2, ``SimulatedMemory``), then one word per cycle, in order; at most
+  ``outstanding`` bursts are in flight. :func:`burst_schedule` runs that recurrence.
+* **RUN_EXPERT** (``rtl/top.py``): the table DMA, the loader's header check, on the first use
+  of an image its *verify pass* (the whole payload, one burst at a time), then the stream
+  pass: params and table words, then the tiles in engine order into a ring of ``banks``
+  banks, packed as ``LoaderGeometry`` packs them (a bank is emitted only when full and freed
+  after its tiles' replays). The engine takes one array step per cycle; a tile pass lasts
+  ``max(groups, rows)`` cycles (drain-limited tiles), a down pass at least 3 cycles per
+  token (the accumulator's read-modify-write); for each ffn tile gate and up run over all
+  token tiles, then the down tiles; the down passes wait for the last ``h`` rows; the first
+  pass waits for its tokens (the ``x`` DMA, one 32-bit word per cycle). Fill and drain are
+  the constants below.
+* **ROUTE**: ``ceil(E / P)`` cycles per token plus the router's latency and the DMA.
+
+The constants (``_*_CYCLES``) are the fixed costs of states and pipelines, fitted to the
+harness by a grid search over the configs of the tests (tiny, default and two sweep variants,
+1..max_tokens tokens, cold and warm): largest error 3.4% on a host call's busy cycles and on
+the engine's. Resource model: :func:`resources`, its coefficients from yosys synthesis (see
+``RESOURCE_FITS``).
+"""
+
+from dataclasses import dataclass
+
+from ..golden.formats import HEADER_SIZE
+from ..rtl.loader import LoaderGeometry
+
+__all__ = [
+    "ExpertCycles",
+    "burst_schedule",
+    "call_cycles",
+    "expert_cycles",
+    "layer_cycles",
+    "resources",
+    "route_cycles",
+    "tokens_per_second",
+]
+
+# -- fixed costs in cycles, fitted to the harness (tests/hls/test_model.py) ---------------------
+#: request register and queue between the loader's request and the memory's latency count
+_MEM_ISSUE_CYCLES = 1
+#: a finished burst's tag to the next burst's issue (the tag FIFO has a spare entry)
+_TAG_FREE_CYCLES = 0
+#: a command's DECODE and DONE states (FETCH is not busy)
+_COMMAND_CYCLES = 2
+#: header burst to checked command: CRC of the header, field checks, hand-over to the streamer
+_HEADER_CHECK_CYCLES = 6
+#: the verify pass streams at one port word per cycle; this is its start and CRC check
+_VERIFY_CYCLES = 8
+#: first params word to the engine's run beat and the x DMA's first word
+_RUN_START_CYCLES = 2
+#: last array step to the last ``y`` beat: array drain (rows), epilogue pipeline, accumulator
+_ENGINE_DRAIN_CYCLES = 8
+#: last up step to the first down step: the epilogue writes the last h rows
+_H_WAIT_CYCLES = 8
+#: ACC_STORE: the first read and the writer's drain
+_STORE_DRAIN_CYCLES = 3
+
+
+def _ceil(a, b):
+    return -(-a // b)
+
+
+def burst_schedule(jobs, *, latency, outstanding, start=0, ready=None):
+    """Word-arrival times of a sequence of read jobs on one memory port.
+
+    ``jobs`` is a list of burst-length lists (one per job); ``ready[j]`` is the earliest cycle
+    job ``j``'s first burst may be issued (a bank that must be free first). Returns the cycle
+    each job's last word arrives and the cycle its first word arrives.
+    """
+    latency = max(2, latency)
+    ends, firsts = [], []
+    done = []  # end cycle of every burst so far
+    issue = start - 1
+    data_end = start
+    for j, bursts in enumerate(jobs):
+        first = None
+        for length in bursts:
+            issue = max(issue + 1, (ready[j] if ready else start))
+            if len(done) >= outstanding:
+                issue = max(issue, done[-outstanding] + _TAG_FREE_CYCLES)
+            begin = max(issue + latency + _MEM_ISSUE_CYCLES - 1, data_end)
+            data_end = begin + length
+            done.append(data_end)
+            first = begin if first is None else first
+        ends.append(data_end)
+        firsts.append(first if first is not None else data_end)
+    return ends, firsts
+
+
+def _bursts(beats, burst_len):
+    return [burst_len] * (beats // burst_len) + ([beats % burst_len] if beats % burst_len else [])
+
+
+@dataclass(frozen=True)
+class ExpertCycles:
+    """Modeled cycles of one RUN_EXPERT.
+
+    Members
+    -------
+    command : int
+        Cycles the command keeps the processor busy (what ``BUSY_CYCLES`` adds).
+    engine : int
+        Engine busy cycles (``ENGINE_BUSY``), run beat to last output.
+    steps : int
+        Array steps (``ENGINE_STEPS``).
+    load_bytes : int
+        Bytes the loader reads (``LOAD_BYTES``).
+    roofline : int
+        ``max(bytes / port bytes, steps)``: the bound the design's performance model names.
+    """
+
+    command: int
+    engine: int
+    steps: int
+    load_bytes: int
+    roofline: int
+
+
+def _tile_list(g, rows, tokens):
+    """(beats, bank words, cycles per replay, replays) of each tile in engine order."""
+    token_tiles = _ceil(tokens, rows)
+    gate_tiles, down_tiles = g.tile_counts
+    out = []
+    for _ in range(gate_tiles):
+        for _ in range(2):  # gate, then up
+            out.append((g.tile_beats[0], g.tile_words[0], max(g.groups[0], rows), token_tiles, False))
+    for _ in range(down_tiles):
+        out.append((g.tile_beats[1], g.tile_words[1], max(g.groups[1], rows), token_tiles, True))
+    return out
+
+
+def expert_cycles(config, tokens, *, verified=True):
+    """Model of one ``RUN_EXPERT`` of ``tokens`` tokens; ``verified=False`` adds the verify
+    pass of an image's first use. Returns :class:`ExpertCycles`."""
+    if not 1 <= tokens <= config.model.max_tokens:
+        raise ValueError(f"tokens must lie in 1..{config.model.max_tokens}, not {tokens!r}")
+    g = LoaderGeometry.from_config(config)
+    mem, rows = config.memory, config.array.rows
+    P, burst = g.port_bytes, mem.burst_len
+    words_per_token = 1 + _ceil(config.model.hidden, 4)
+
+    # table DMA (one 32-bit word per token), then the loader command
+    table_words = max(1, _ceil(4 * tokens, P))
+    table_end, _ = burst_schedule([_bursts(table_words, burst)], latency=mem.latency, outstanding=1, start=2)
+    t = table_end[0] + 1
+    header_end, _ = burst_schedule([_bursts(g.header_beats, burst)], latency=mem.latency, outstanding=1, start=t)
+    t = header_end[0] + _HEADER_CHECK_CYCLES
+    load_bytes = HEADER_SIZE + g.stream_bytes(tokens)
+    if not verified:
+        ends, _ = burst_schedule([_bursts(g.verify_beats, burst)], latency=mem.latency,
+                                 outstanding=mem.outstanding, start=t)
+        t = ends[0] + _VERIFY_CYCLES
+        load_bytes += g.verify_beats * P
+
+    # stream pass: params and table segments, then tiles into the bank ring
+    tiles = _tile_list(g, rows, tokens)
+    banks = []  # tiles of each bank
+    used = g.bank_words
+    for tile in tiles:
+        if used + tile[1] > g.bank_words:
+            banks.append([])
+            used = 0
+        banks[-1].append(tile)
+        used += tile[1]
+    segments = [_bursts(beats, burst) for beats in g.segment_beats]
+    seg_end, seg_first = burst_schedule(segments, latency=mem.latency, outstanding=mem.outstanding, start=t)
+    run = seg_first[0] + _RUN_START_CYCLES  # the engine's run beat
+    lead = max(2, mem.latency)
+    fills = []  # cycle each bank's last word arrives
+    free = []  # cycle each bank is freed
+
+    def fill(b, ready):
+        start = fills[-1] - lead if fills else seg_end[-1] - lead
+        ends, _ = burst_schedule([_bursts(tile[0], burst) for tile in banks[b]], latency=mem.latency,
+                                 outstanding=mem.outstanding, start=max(start, ready))
+        fills.append(ends[-1])
+
+    ring = min(config.loader.banks, len(banks))
+    for b in range(ring):
+        fill(b, 0)
+    # the loader's reads go first: the x DMA gets the port once the ring is full
+    x_start = max(run, fills[ring - 1]) + lead + _MEM_ISSUE_CYCLES
+    emit_end = run
+    steps = 0
+    first_down = True
+    last_up_end = run
+    pass_index = 0
+    for b, bank in enumerate(banks):
+        if b >= ring:
+            fill(b, free[b - config.loader.banks])
+        clock = max(fills[b] + 1, emit_end)
+        for _, _, cycles, replays, down in bank:
+            if down and first_down:
+                clock = max(clock, last_up_end + _H_WAIT_CYCLES)
+                first_down = False
+            for r in range(replays):
+                in_pass = min(rows, tokens - r * rows)
+                if pass_index < replays:  # first pass over token tile r waits for its tokens
+                    clock = max(clock, x_start + (r * rows + in_pass) * words_per_token)
+                pass_index += 1
+                clock += max(cycles, 3 * in_pass) if down else cycles
+                steps += g.groups[1] if down else g.groups[0]
+            if not down:
+                last_up_end = clock
+        emit_end = clock
+        free.append(emit_end)
+    engine_end = emit_end + _ENGINE_DRAIN_CYCLES
+    command = engine_end + _COMMAND_CYCLES
+    roofline = max(_ceil(load_bytes, P), steps)
+    return ExpertCycles(command=command, engine=engine_end - run, steps=steps, load_bytes=load_bytes,
+                        roofline=roofline)
+
+
+def _acc_cycles(config, rows):
+    hidden_tiles = _ceil(config.model.hidden, config.array.cols)
+    cols, port_bytes = config.array.cols, config.memory.port_width // 8
+    clear = rows * hidden_tiles + _COMMAND_CYCLES
+    # the writer takes a 32-bit word per cycle and spends one more cycle on each port word it writes
+    store = rows * hidden_tiles * (cols + _ceil(4 * cols, port_bytes)) + _STORE_DRAIN_CYCLES + _COMMAND_CYCLES
+    return clear, store
+
+
+def call_cycles(config, tokens, *, verified=True):
+    """Busy cycles of one host expert call (``Device.run_expert``): ``ACC_CLEAR``,
+    ``RUN_EXPERT``, ``ACC_STORE`` and ``FENCE``."""
+    clear, store = _acc_cycles(config, tokens)
+    return clear + expert_cycles(config, tokens, verified=verified).command + store + _COMMAND_CYCLES
+
+
+def _router(router):
+    """The router component, for its ``beats`` and ``LATENCY`` (never elaborated)."""
+    from ..rtl.router import TopKRouter
+
+    component = TopKRouter.from_config(router)
+    component._MustUse__silence = True  # planned only: Amaranth would warn that it was never elaborated
+    return component
+
+
+def route_cycles(config, tokens):
+    """Busy cycles of one ``ROUTE`` of ``tokens`` tokens: ``ceil(E / P)`` per token, the
+    router's latency, the logits DMA (``E`` words per token, one per cycle) and the results'
+    ``k_max + 1`` words per token."""
+    r = config.router
+    router = _router(r)
+    beats = router.beats
+    per_token = max(beats, r.experts, r.k_max + 1)  # one 32-bit logit word per cycle feeds the lanes
+    return per_token * tokens + router.LATENCY + max(2, config.memory.latency) + _MEM_ISSUE_CYCLES \
+        + r.k_max + 1 + _COMMAND_CYCLES
+
+
+def layer_cycles(config, k, batch=1):
+    """Device cycles of one MoE layer's step for ``batch`` tokens with ``k`` experts per
+    token, every image verified and the ``batch * k`` expert calls spread over distinct
+    experts (decode, the worst case for weight reuse): a ROUTE, then one expert run per call
+    with its tokens, accumulated on the device."""
+    calls = min(batch * k, config.router.experts)
+    per_call = max(1, round(batch * k / calls))
+    clear, store = _acc_cycles(config, batch)
+    return route_cycles(config, batch) + clear + store + calls * expert_cycles(config, per_call).command
+
+
+def tokens_per_second(config, ks, batch=1):
+    """Modeled decode tokens per second at the config's clock: ``ks`` is the k of each layer."""
+    cycles = sum(layer_cycles(config, k, batch) for k in ks)
+    return batch * config.target.clock_mhz * 1e6 / cycles
+
+
+# -- resources --------------------------------------------------------------------------------
+
+#: Whole-accelerator synthesis on ECP5 (``Accelerator(config, memory="bram")`` in the board top,
+#: ``moegen bitstream --board ulx3s-85f --stop-after synthesize``, yosys 0.69 ``synth_ecp5``;
+#: counted as ``moegen.boards.synth`` counts): the points :func:`resources` is fitted to. Each is
+#: ``(overrides of the default config, {luts, ffs, dsps, brams})``.
+ECP5_POINTS = (
+    # configs/tiny.yaml (build/boards/ulx3s-85f/tiny-5f0924e0c1c8d9a6)
+    ({"router": {"experts": 4, "lanes": 4}, "array": {"rows": 2, "cols": 2},
+      "loader": {"bank_bytes": 256}, "memory": {"port_width": 32, "burst_len": 4, "size_bytes": 65536},
+      "model": {"hidden": 16, "ffn": 32, "max_tokens": 4, "layers": 2}},
+     {"luts": 17529, "ffs": 6704, "dsps": 33, "brams": 38}),
+    # configs/ulx3s-85f.yaml (build/boards/ulx3s-85f/ulx3s-85f-a5e8ed64c79f51c4)
+    ({"router": {"experts": 16, "lanes": 16}, "array": {"rows": 4}, "loader": {"bank_bytes": 4096},
+      "memory": {"size_bytes": 262144}, "model": {"hidden": 256, "ffn": 512, "max_tokens": 32}},
+     {"luts": 33135, "ffs": 13718, "dsps": 143, "brams": 201}),
+    # the same with an 8x8 array and 64 tokens (build/boards/ulx3s-85f/ulx3s-85f-f13fa818235195f4)
+    ({"router": {"experts": 16, "lanes": 16}, "loader": {"bank_bytes": 4096},
+      "memory": {"size_bytes": 262144}, "model": {"hidden": 256, "ffn": 512, "max_tokens": 64}},
+     {"luts": 35782, "ffs": 17153, "dsps": 207, "brams": 230}),
+    # demo shapes, 4x4 2:4 (this module's sweep, 353 s)
+    ({"array": {"rows": 4, "cols": 4}, "loader": {"bank_bytes": 4096},
+      "memory": {"size_bytes": 131072}, "model": {"max_tokens": 32}},
+     {"luts": 21924, "ffs": 9536, "dsps": 75, "brams": 109}),
+    # demo shapes, 8x8 dense, 4 banks, 4 router lanes (this module's sweep, 384 s); before it joined
+    # the fit, the four points above predicted it within -16.8% (LUTs), -2.6% (FFs), 0 (DSPs), +8.3% (BRAM)
+    ({"router": {"lanes": 4}, "array": {"m": 4, "n": 4}, "loader": {"banks": 4},
+      "memory": {"size_bytes": 262144}},
+     {"luts": 39764, "ffs": 19454, "dsps": 335, "brams": 254}),
+)
+#: DP16KD blocks hold 2 KiB of data (16 Kbit without parity)
+_BRAM_BYTES = 2048
+
+
+def _features(config):
+    """Regressors of the LUT, FF and block-RAM fits (see :func:`resources`)."""
+    a, r, mdl, ld = config.array, config.router, config.model, config.loader
+    buffers = mdl.max_tokens * (mdl.hidden + mdl.ffn + 4 * mdl.hidden)  # x, h, int32 accumulator
+    return {
+        "logic": [1.0, a.rows * a.cols * a.m, a.cols * mdl.hidden / 64, r.lanes],
+        "brams": [1.0, buffers / _BRAM_BYTES, ld.banks * ld.bank_bytes / _BRAM_BYTES],
+    }
+
+
+def _point_config(overrides):
+    from ..config import AccelConfig, load_config
+
+    data = load_config("default").to_dict()
+    for section, values in overrides.items():
+        data[section].update(values)
+    return AccelConfig.from_dict(data)
+
+
+def _fit():
+    import numpy as np
+
+    configs = [_point_config(o) for o, _ in ECP5_POINTS]
+    fits = {}
+    for kind, group in (("luts", "logic"), ("ffs", "logic"), ("brams", "brams")):
+        x = np.array([_features(c)[group] for c in configs])
+        y = np.array([used[kind] - (_memory_brams(c) if kind == "brams" else 0)
+                      for c, (_, used) in zip(configs, ECP5_POINTS, strict=True)])
+        fits[kind] = np.linalg.lstsq(x, y, rcond=None)[0].tolist()
+    return fits
+
+
+def _memory_brams(config):
+    return _ceil(config.memory.size_bytes, _BRAM_BYTES)
+
+
+_FITS = None
+
+
+def resources(config, family="ecp5"):
+    """Modeled resources of ``Accelerator(config, memory="bram")`` on ``family``:
+    ``{"luts", "ffs", "dsps", "brams"}``.
+
+    * DSPs: one 18x18 multiplier per array multiplier (``rows * cols * m``) plus ``9 * cols + 7``
+      (epilogue requantizers, the accumulator's weight multipliers, the router's exps): exact
+      on every point of :data:`ECP5_POINTS`.
+    * Block RAM: the device memory (``size_bytes / 2 KiB``) plus a least-squares fit on the
+      engine and accumulator buffers and the loader banks.
+    * LUTs and FFs: least squares over :data:`ECP5_POINTS` on a constant (link, loader, command
+      processor), the array's multipliers, the epilogue and buffer width (``cols * hidden``)
+      and the router lanes.
+    """
+    global _FITS
+    if family != "ecp5":
+        raise ValueError(f"no resource model for FPGA family {family!r}; modeled: ecp5")
+    if _FITS is None:
+        _FITS = _fit()
+    a = config.array
+    f = _features(config)
+    def fitted(kind, group):
+        return max(0, round(sum(c * x for c, x in zip(_FITS[kind], f[group], strict=True))))
+
+    return {"luts": fitted("luts", "logic"), "ffs": fitted("ffs", "logic"),
+            "dsps": a.rows * a.cols * a.m + 9 * a.cols + 7,
+            "brams": _memory_brams(config) + fitted("brams", "brams")}

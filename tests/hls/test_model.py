@@ -1,0 +1,100 @@
+"""The analytic models of hls/model.py against the Verilator harness (cycles, within 5%) and
+yosys synthesis (resources, within 15%)."""
+
+import pytest
+
+from moegen.config import AccelConfig, load_config
+from moegen.hls.model import ECP5_POINTS, call_cycles, expert_cycles, resources, route_cycles
+
+CYCLE_TOLERANCE = 0.05
+RESOURCE_TOLERANCE = 0.15
+
+#: Sweep variants of the default config: another array shape and sparsity, port width, memory
+#: latency, bank count and size (a Verilator harness build each, about 150 s).
+SWEEP = {
+    "sweep-r4c16-14": {"array": {"rows": 4, "cols": 16, "m": 1, "n": 4}, "memory": {"port_width": 32, "latency": 8},
+                       "loader": {"banks": 3, "bank_bytes": 4096}},
+    "sweep-r8c4-44": {"array": {"rows": 8, "cols": 4, "m": 4, "n": 4}, "memory": {"port_width": 128, "latency": 24},
+                      "loader": {"banks": 2, "bank_bytes": 2048}, "router": {"experts": 16, "lanes": 4}},
+}
+
+
+def _variant(name, overrides):
+    data = load_config("default").to_dict()
+    for section, values in overrides.items():
+        data[section].update(values)
+    return AccelConfig.from_dict({**data, "name": name})
+
+
+def _simulated(config):
+    """``(tokens, verified, BUSY_CYCLES, ENGINE_BUSY)`` of host expert calls on the harness: a
+    cold call, then warm calls on 1, 2, rows - 1, rows, rows + 1 and max_tokens tokens."""
+    from moegen.golden.image import write_image
+    from moegen.host.device import open_device
+    from moegen.host.sim import build, launch
+    from moegen.rtl.testbench.device import random_tokens
+    from moegen.rtl.testbench.loader import make_expert
+
+    rows, most = config.array.rows, config.model.max_tokens
+    sizes = sorted({t for t in (1, 2, rows - 1, rows, rows + 1, most) if 1 <= t <= most})
+    results = []
+    with launch(build(config)) as harness, open_device(config, "sim", address=harness.socket) as device:
+        qe = make_expert(config.image_layout, 1)
+        handle = device.upload_expert(write_image(qe, config_hash=config.device_hash, expert_id=0), expert=0)
+        for verified, tokens in [(False, 1)] + [(True, t) for t in sizes]:
+            x_q, mult, shift = random_tokens(config, tokens, tokens)
+            start = device.counters()
+            device.run_expert(handle, x_q, mult, shift)
+            end = device.counters()
+            results.append((tokens, verified, end["BUSY_CYCLES"] - start["BUSY_CYCLES"],
+                            end["ENGINE_BUSY"] - start["ENGINE_BUSY"]))
+    return results
+
+
+def _check_cycles(config):
+    for tokens, verified, busy, engine in _simulated(config):
+        modeled = expert_cycles(config, tokens, verified=verified)
+        call = call_cycles(config, tokens, verified=verified)
+        where = f"{config.name}, {tokens} tokens, {'warm' if verified else 'cold'}"
+        assert call == pytest.approx(busy, rel=CYCLE_TOLERANCE), f"call cycles, {where}"
+        assert modeled.engine == pytest.approx(engine, rel=CYCLE_TOLERANCE), f"engine cycles, {where}"
+
+
+def test_steps_and_bytes_are_exact():
+    config = load_config("default")
+    # 2:4, 8x8: gate/up tiles of 32 steps, down tiles of 64, one token tile per 8 tokens
+    assert expert_cycles(config, 8).steps == 2 * 32 * 32 + 16 * 64
+    assert expert_cycles(config, 9).steps == 2 * (2 * 32 * 32 + 16 * 64)
+    warm, cold = expert_cycles(config, 1), expert_cycles(config, 1, verified=False)
+    assert cold.load_bytes - warm.load_bytes == config.image_layout.nbytes - 64
+    assert cold.command > warm.command >= warm.roofline
+
+
+def test_route_cycles_grow_by_beats_per_token():
+    config = load_config("default")
+    assert route_cycles(config, 9) - route_cycles(config, 1) == 8 * config.router.experts
+
+
+@pytest.mark.verilator
+@pytest.mark.parametrize("preset", ["tiny", "default"])
+def test_cycle_model_matches_harness(preset):
+    _check_cycles(load_config(preset))
+
+
+@pytest.mark.verilator
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(SWEEP))
+def test_cycle_model_matches_harness_sweep(name):
+    _check_cycles(_variant(name, SWEEP[name]))
+
+
+def test_resource_model_reproduces_its_points():
+    for overrides, used in ECP5_POINTS:
+        modeled = resources(_variant("point", overrides))
+        for kind, count in used.items():
+            assert modeled[kind] == pytest.approx(count, rel=RESOURCE_TOLERANCE), kind
+
+
+def test_resource_model_refuses_unmodeled_family():
+    with pytest.raises(ValueError, match="ice40"):
+        resources(load_config("default"), family="ice40")
