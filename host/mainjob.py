@@ -69,6 +69,9 @@ def run(args):
     step(f"config {config.name} (device hash 0x{config.device_hash:08x}): building the simulated device")
     binary = build(config, progress=step)
     hf_logging.disable_progress_bar()  # our own progress lines say what runs
+    # one torch thread: the harness clocks on the other core, and two threads waiting on each
+    # other under load ran the host side several times slower (host/demo/train.py measured it)
+    torch.set_num_threads(1)
     model = load_demo(None if args.checkpoint is None else Path(args.checkpoint))
     heldout = corpus.heldout(args.heldout)
     train = corpus.training_text()
