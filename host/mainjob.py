@@ -30,7 +30,7 @@ def add_arguments(parser):
     parser.add_argument("--policy", default="static", help="placement policy (default: static)")
     parser.add_argument("--hot", type=int, default=2, help="experts per layer the host keeps (default: 2)")
     parser.add_argument("--heldout", type=int, default=1024, help="held-out bytes for perplexity (default: 1024)")
-    parser.add_argument("--prompt", default="def read_config(path):\n    ", help="generation prompt")
+    parser.add_argument("--prompt", default="class Config:\n    def ", help="generation prompt")
     parser.add_argument("--generate", type=int, default=48, help="bytes to generate (default: 48)")
     parser.add_argument("--checkpoint", help="a MixtralForCausalLM checkpoint folder of the demo's shapes "
                         "(default: the shipped demo model)")
