@@ -41,7 +41,8 @@ from .link import LinkError, LinkTimeout
 from .policies import make_policy
 from .telemetry import Telemetry
 
-__all__ = ["IMPLEMENTATION", "SUPPORTED_FAMILIES", "Offload", "OffloadedLayer", "experts_modules", "offload"]
+__all__ = ["IMPLEMENTATION", "SUPPORTED_FAMILIES", "Offload", "OffloadedLayer", "Profiler", "experts_modules",
+           "offload"]
 
 #: The name moegen registers in transformers' ExpertsInterface.
 IMPLEMENTATION = "moegen"
@@ -99,7 +100,7 @@ def expert_weights(module, e):
     return ExpertWeights(gate, up, module.down_proj[e].detach().float().cpu())
 
 
-class _Profiler:
+class Profiler:
     """Records each expert's inputs and selection counts during a calibration pass."""
 
     def __init__(self, modules, rows):
@@ -312,7 +313,7 @@ def offload(model, device, *, policy="static", hot=None, calibration=None, **pol
     if not 0 <= hot <= experts:
         raise UserError(f"hot must lie in 0..{experts} (experts per layer), not {hot}")
 
-    profiler = _Profiler(modules, CALIBRATION_ROWS)
+    profiler = Profiler(modules, CALIBRATION_ROWS)
     previous = model.config._experts_implementation
     ALL_EXPERTS_FUNCTIONS.register("moegen-profile", profiler)
     model.set_experts_implementation("moegen-profile")

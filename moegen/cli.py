@@ -121,6 +121,19 @@ def _bitstream(args):
     return 0
 
 
+def _compile(args):
+    from pathlib import Path
+
+    from .hls.flow import FlowOptions, compile_model
+
+    options = FlowOptions(Path(args.model_dir), args.board, Path(args.out), args.calibration_bytes, args.heldout_bytes,
+                          args.ppl_budget, args.host_experts)
+    compile_model(options, start=args.start, stop=args.stop,
+                  progress=lambda line: print(f"moegen compile: {line}", file=sys.stderr, flush=True))
+    print(Path(args.out) / "emit" if args.stop == "emit" else Path(args.out) / args.stop)
+    return 0
+
+
 def _parser():
     from .benchmarks import available, load
     from .verify import TARGETS
@@ -178,6 +191,20 @@ def _parser():
     bitstream.add_argument("--stop-after", choices=("elaborate", "synthesize", "place-and-route"),
                            help="stop after this stage (no bitstream)")
     bitstream.set_defaults(func=_bitstream)
+
+    flow = commands.add_parser("compile", help="co-design flow: a Hugging Face MoE model to a config and expert "
+                               "images for a board")
+    flow.add_argument("model_dir", metavar="MODEL_DIR", help="Hugging Face checkpoint folder")
+    flow.add_argument("--board", required=True, help="board name")
+    flow.add_argument("--out", required=True, help="output folder (one subfolder per step)")
+    flow.add_argument("--from", dest="start", default="profile", metavar="STEP",
+                      help="first step; earlier steps' results are read from --out")
+    flow.add_argument("--until", dest="stop", default="emit", metavar="STEP", help="last step")
+    flow.add_argument("--calibration-bytes", type=int, default=1024, help="corpus bytes of the profiling pass")
+    flow.add_argument("--heldout-bytes", type=int, default=4096, help="held-out corpus bytes for choose-k")
+    flow.add_argument("--ppl-budget", type=float, default=0.01, help="perplexity increase choose-k accepts (0.01: 1%%)")
+    flow.add_argument("--host-experts", type=int, help="experts per layer on the host (default: a quarter)")
+    flow.set_defaults(func=_compile)
 
     bench = commands.add_parser("bench", help="run a benchmark (no NAME: list them)")
     bench.set_defaults(func=_bench, name=None)
