@@ -1,7 +1,9 @@
-"""Board targets by name: the FPGA on each board and its resource budget.
+"""Board targets by name: the FPGA on each board, its resource budget and how a bitstream is
+made for it.
 
 The registry is data: the config validates ``target.board`` against it, the co-design flow
-sizes hardware under its budget, and the bitstream builds look up the platform here.
+sizes hardware under its budget, and the bitstream builds (:mod:`moegen.boards.build`) look
+up the amaranth-boards platform, the reset button and the toolchain here.
 """
 
 from dataclasses import dataclass
@@ -31,6 +33,12 @@ class BoardSpec:
         On-board oscillator frequency.
     toolchain : str
         ``yowasp`` (open flow from PyPI, builds bitstreams) or ``vendor`` (generate only).
+    platform : str
+        The amaranth-boards platform class, ``module:Class``.
+    reset : tuple of (str, int)
+        The resource (name, number) of the button that resets the accelerator.
+    tie_high : tuple of str
+        Pins driven high so other chips on the board leave the FPGA alone.
     """
 
     name: str
@@ -44,17 +52,24 @@ class BoardSpec:
     spram_bits: int
     osc_mhz: float
     toolchain: str
+    platform: str
+    reset: tuple
+    tie_high: tuple = ()
 
 
 BOARDS = {
     spec.name: spec
     for spec in (
-        # Lattice LFE5U-85F: 83,640 LUT4, 156 18x18 multipliers, 208 EBR of 18 Kbit
-        BoardSpec("ulx3s-85f", "ecp5", "LFE5U-85F", "CABGA381", 83_640, 83_640, 156, 208 * 18_432, 0, 25.0, "yowasp"),
-        # Lattice iCE40UP5K: 5,280 LUT4, 8 SB_MAC16, 30 EBR of 4 Kbit, 4 SPRAM of 256 Kbit
-        BoardSpec("icebreaker", "ice40", "iCE40UP5K", "SG48", 5_280, 5_280, 8, 30 * 4_096, 4 * 262_144, 12.0, "yowasp"),
-        # Xilinx XC7A35T: 20,800 LUT6, 41,600 FF, 90 DSP48E1, 50 BRAM36
-        BoardSpec("arty-a7-35", "xc7", "XC7A35T", "CSG324", 20_800, 41_600, 90, 50 * 36_864, 0, 100.0, "vendor"),
+        # Lattice LFE5U-85F: 83,640 LUT4, 156 18x18 multipliers, 208 EBR of 18 Kbit. FIRE1 resets;
+        # the ESP32's GPIO0 (L2) is held high, or the ESP32 may reconfigure the FPGA.
+        BoardSpec("ulx3s-85f", "ecp5", "LFE5U-85F", "CABGA381", 83_640, 83_640, 156, 208 * 18_432, 0, 25.0, "yowasp",
+                  "amaranth_boards.ulx3s:ULX3S_85F_Platform", ("button_fire", 0), ("L2",)),
+        # Lattice iCE40UP5K: 5,280 LUT4, 8 SB_MAC16, 30 EBR of 4 Kbit, 4 SPRAM of 256 Kbit; the user button resets
+        BoardSpec("icebreaker", "ice40", "iCE40UP5K", "SG48", 5_280, 5_280, 8, 30 * 4_096, 4 * 262_144, 12.0, "yowasp",
+                  "amaranth_boards.icebreaker:ICEBreakerPlatform", ("button", 0)),
+        # Xilinx XC7A35T: 20,800 LUT6, 41,600 FF, 90 DSP48E1, 50 BRAM36; the RESET button resets
+        BoardSpec("arty-a7-35", "xc7", "XC7A35T", "CSG324", 20_800, 41_600, 90, 50 * 36_864, 0, 100.0, "vendor",
+                  "amaranth_boards.arty_a7:ArtyA7_35Platform", ("rst", 0)),
     )
 }
 
