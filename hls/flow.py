@@ -400,19 +400,11 @@ def _image_name(layer, expert):
 def profile(model, calibration):
     """A profiling pass over ``calibration [B, S]``: per layer, how often each expert was chosen
     and up to :data:`CALIBRATION_ROWS` of its inputs (``[N, hidden]``, maybe ``N == 0``)."""
-    from ..host.offload import ALL_EXPERTS_FUNCTIONS, Profiler, experts_modules
+    from ..host.offload import Profiler, experts_modules
 
     modules = experts_modules(model)
     hidden = modules[0].gate_up_proj.shape[2]
-    profiler = Profiler(modules, CALIBRATION_ROWS)
-    previous = model.config._experts_implementation
-    ALL_EXPERTS_FUNCTIONS.register("moegen-flow-profile", profiler)
-    model.set_experts_implementation("moegen-flow-profile")
-    try:
-        with torch.no_grad():
-            model(input_ids=calibration.to(model.device))
-    finally:
-        model.set_experts_implementation(previous)
+    profiler = Profiler.run(model, modules, calibration, CALIBRATION_ROWS)
     experts = modules[0].gate_up_proj.shape[0]
     inputs = [[torch.cat(profiler.inputs[id(m)].get(e, [torch.zeros(0, hidden)]))[:CALIBRATION_ROWS]
                for e in range(experts)] for m in modules]

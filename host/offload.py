@@ -108,6 +108,21 @@ class Profiler:
         self.inputs = {id(m): {} for m in modules}
         self.counts = {id(m): torch.zeros(m.gate_up_proj.shape[0], dtype=torch.int64) for m in modules}
 
+    @classmethod
+    def run(cls, model, modules, calibration, rows=CALIBRATION_ROWS):
+        """One forward pass of ``model`` over ``calibration`` token ids with every experts
+        module recorded; returns the profiler (``counts``, ``inputs`` by ``id(module)``)."""
+        profiler = cls(modules, rows)
+        previous = model.config._experts_implementation
+        ALL_EXPERTS_FUNCTIONS.register("moegen-profile", profiler)
+        model.set_experts_implementation("moegen-profile")
+        try:
+            with torch.no_grad():
+                model(input_ids=calibration.to(model.device))
+        finally:
+            model.set_experts_implementation(previous)
+        return profiler
+
     def __call__(self, module, hidden_states, top_k_index, top_k_weights):
         inputs, counts = self.inputs[id(module)], self.counts[id(module)]
         for e in top_k_index.unique().tolist():
@@ -313,15 +328,7 @@ def offload(model, device, *, policy="static", hot=None, calibration=None, **pol
     if not 0 <= hot <= experts:
         raise UserError(f"hot must lie in 0..{experts} (experts per layer), not {hot}")
 
-    profiler = Profiler(modules, CALIBRATION_ROWS)
-    previous = model.config._experts_implementation
-    ALL_EXPERTS_FUNCTIONS.register("moegen-profile", profiler)
-    model.set_experts_implementation("moegen-profile")
-    try:
-        with torch.no_grad():
-            model(input_ids=calibration.to(model.device))
-    finally:
-        model.set_experts_implementation(previous)
+    profiler = Profiler.run(model, modules, calibration)
     frequency = [profiler.counts[id(m)] for m in modules]
     a = config.array
     expert_bytes = config.image_layout.nbytes
