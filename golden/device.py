@@ -15,7 +15,6 @@ clears the error.
 """
 
 import enum
-import struct
 
 import numpy as np
 import torch
@@ -33,9 +32,11 @@ __all__ = [
     "CommandError",
     "DeviceModel",
     "ErrorSource",
+    "activation_bytes",
     "encode_command",
     "pack_table",
     "route_words",
+    "words_bytes",
     "x_words",
 ]
 
@@ -78,6 +79,23 @@ def encode_command(command, *args):
         if not 0 <= word < 1 << 32:
             raise ValueError(f"command word {i} must lie in 0..2**32-1, not {word}")
     return words + [0] * (COMMAND_WORDS - len(words))
+
+
+def words_bytes(words):
+    """Little-endian bytes of 32-bit words (negative values wrap), as device memory holds them."""
+    return (np.asarray(words, dtype=np.int64) & 0xFFFFFFFF).astype("<u4").tobytes()
+
+
+def activation_bytes(x_q, tok_mult, tok_shift):
+    """A ``RUN_EXPERT`` activation buffer: per token the factor word ``tok_mult | tok_shift << 16``,
+    then ``x_q``'s int8 values four to a word (value ``4w + b`` in byte ``b``, zero padded)."""
+    x_q = np.asarray(x_q, dtype=np.int64)
+    tokens, hidden = x_q.shape
+    values = np.zeros((tokens, 4 * -(-hidden // 4)), dtype=np.int8)
+    values[:, :hidden] = x_q
+    factors = np.asarray(tok_mult, dtype=np.int64) | np.asarray(tok_shift, dtype=np.int64) << 16
+    words = values.view("<u4").astype(np.int64)
+    return words_bytes(np.concatenate([factors[:, None], words], axis=1))
 
 
 def x_words(hidden):
@@ -152,7 +170,7 @@ class DeviceModel:
         return -(-nbytes // self.port_bytes) * self.port_bytes
 
     def _store_words(self, addr, words):
-        data = np.asarray(words, dtype=np.int64).astype("<u4").tobytes()
+        data = words_bytes(words)
         data += bytes(self._padded(len(data)) - len(data))
         self.mem[addr : addr + len(data)] = data
 
@@ -240,4 +258,7 @@ class DeviceModel:
 
 def pack_table(rows, weights):
     """``RUN_EXPERT`` table bytes: ``row | weight << 16`` per token (weights Q1.15)."""
-    return b"".join(struct.pack("<I", int(r) | int(w) << 16) for r, w in zip(rows, weights, strict=True))
+    rows, weights = np.asarray(list(rows), dtype=np.int64), np.asarray(list(weights), dtype=np.int64)
+    if rows.shape != weights.shape:
+        raise ValueError(f"{len(rows)} rows but {len(weights)} weights")
+    return words_bytes(rows | weights << 16)

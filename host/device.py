@@ -32,9 +32,11 @@ from ..golden.device import (
     CommandError,
     DeviceModel,
     ErrorSource,
+    activation_bytes,
     encode_command,
     pack_table,
     route_words,
+    words_bytes,
     x_words,
 )
 from ..golden.image import ImageError, ImageErrorCode, read_header
@@ -228,7 +230,7 @@ class Device:
                 raise UserError(f"weights must lie in 0..{WEIGHT_ONE} (Q1.15), got {weights}")
             x_addr = arena.take(4 * tokens * x_words(model.hidden))
             table_addr = arena.take(4 * tokens)
-            writes += [(x_addr, _activation_bytes(x_q, tok_mult, tok_shift)),
+            writes += [(x_addr, activation_bytes(x_q, tok_mult, tok_shift)),
                        (table_addr, pack_table(table_rows, weights))]
             commands.append(encode_command(Command.RUN_EXPERT, handle.addr, handle.expert | tokens << 16, x_addr,
                                            table_addr))
@@ -256,7 +258,7 @@ class Device:
         arena = _Arena(self.config.memory.size_bytes, self.images_end)
         logits_addr = arena.take(4 * logits.numel())
         out = arena.take(4 * tokens * route_words(r.k_max))
-        self.write_mem(logits_addr, (logits & 0xFFFFFFFF).numpy().astype("<u4").tobytes())
+        self.write_mem(logits_addr, words_bytes(logits.numpy()))
         self.execute([encode_command(Command.ROUTE, layer, tokens, logits_addr, out)])
         indices, weights, counts = DeviceModel.unpack_routes(self.read_mem(out, 4 * tokens * route_words(r.k_max)),
                                                              tokens, r.k_max)
@@ -280,15 +282,22 @@ class Device:
                 except LinkError as error:
                     if error.status != Status.QUEUE_FULL:
                         raise
-                    self._check(deadline)
+                    self._check(self._error_and_fence()[0], deadline)
                     time.sleep(1e-3)
-        while self.read_reg("FENCE") != self.fence_id:
-            self._check(deadline)
+        while True:
+            error, fence = self._error_and_fence()
+            self._check(error, deadline)
+            if fence == self.fence_id:
+                return
             time.sleep(1e-3)
-        self._check(deadline)
 
-    def _check(self, deadline):
-        error = self.read_reg("ERROR")
+    def _error_and_fence(self):
+        """``ERROR`` and ``FENCE`` in one request (``CONTROL``, between them, reads 0)."""
+        first = self.registers["ERROR"].offset
+        values = self.link.read_csr(first, (self.registers["FENCE"].offset - first) // 4 + 1)
+        return values[0], values[-1]
+
+    def _check(self, error, deadline):
         if error:
             self.write_reg("CONTROL", 1)
             raise DeviceError(f"device refused a command: {describe_error(error)}")
@@ -310,17 +319,6 @@ class _Arena:
             raise DeviceError(f"device memory is full: a batch needs buffers above the {self.floor} bytes of "
                               f"expert images")
         return self.top
-
-
-def _activation_bytes(x_q, tok_mult, tok_shift):
-    x_q = np.asarray(x_q, dtype=np.int64)
-    tokens, hidden = x_q.shape
-    padded = np.zeros((tokens, -(-hidden // 4) * 4), dtype=np.int64)
-    padded[:, :hidden] = x_q
-    factors = (np.asarray(tok_mult, dtype=np.int64) | np.asarray(tok_shift, dtype=np.int64) << 16)[:, None]
-    values = padded.astype(np.int8).view(np.uint8).reshape(tokens, -1, 4).astype(np.int64)
-    words = values[..., 0] | values[..., 1] << 8 | values[..., 2] << 16 | values[..., 3] << 24
-    return np.concatenate([factors, words], axis=1).astype("<u4").tobytes()
 
 
 # -- transports ---------------------------------------------------------------------

@@ -28,12 +28,14 @@ down passes, and for inputs and parameters as the counters show.
 
 import math
 
+import numpy as np
 from amaranth import Cat, Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out, connect
 from amaranth.utils import bits_for
 
+from ..golden.device import activation_bytes
 from ..golden.formats import index_bits
 from .array import SUPPORTED_N, SparseSystolicArray, required_acc_bits
 from .epilogue import Epilogue, Projection
@@ -60,14 +62,9 @@ def expert_output_layout(cols, act_width, max_tokens, hidden):
 
 
 def activation_words(x_q, tok_mult, tok_shift):
-    """The ``x`` stream of ``T`` tokens: ``x_q [T, hidden]`` ints with their token factors."""
-    words = []
-    for row, mult, shift in zip(x_q, tok_mult, tok_shift, strict=True):
-        values = [int(v) & 0xFF for v in row]
-        values += [0] * (-len(values) % 4)
-        words.append(int(mult) | int(shift) << 16)
-        words += [int.from_bytes(bytes(values[i:i + 4]), "little") for i in range(0, len(values), 4)]
-    return words
+    """The ``x`` stream of ``T`` tokens: ``x_q [T, hidden]`` ints with their token factors
+    (the words of :func:`moegen.golden.device.activation_bytes`)."""
+    return np.frombuffer(activation_bytes(x_q, tok_mult, tok_shift), "<u4").tolist()
 
 
 class ExpertEngine(wiring.Component):

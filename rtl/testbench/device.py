@@ -15,15 +15,16 @@ from ...golden.device import (
     WEIGHT_ONE,
     Command,
     DeviceModel,
+    activation_bytes,
     encode_command,
     pack_table,
     route_words,
+    words_bytes,
     x_words,
 )
 from ...golden.expert import expert_int, quantize_activations
 from ...golden.image import write_image
 from ...golden.router import route
-from ..expert import activation_words
 from .loader import make_expert
 
 
@@ -78,7 +79,7 @@ class Workload:
             gen = torch.Generator().manual_seed(seed * 1000 + run)
             x = torch.randn(tokens, model.hidden, generator=gen) * (1 + torch.rand(tokens, 1, generator=gen))
             x_q, mult, shift, _ = quantize_activations(x, config.array.act_width)
-            x_addr = place(b"".join(w.to_bytes(4, "little") for w in activation_words(x_q, mult, shift)))
+            x_addr = place(activation_bytes(x_q, mult, shift))
             rows = rng.sample(range(rows_used), tokens)
             weights = [rng.randrange(1 << 15) for _ in range(tokens)]
             table_addr = place(pack_table(rows, weights))
@@ -88,7 +89,7 @@ class Workload:
         r = config.router
         logits = [rng.randrange(-(1 << (r.logit_width - 1)), 1 << (r.logit_width - 1)) & 0xFFFFFFFF
                   for _ in range(route_tokens * r.experts)]
-        logits_addr = place(b"".join(v.to_bytes(4, "little") for v in logits))
+        logits_addr = place(words_bytes(logits))
         for layer in range(min(2, model.layers)):
             out = reserve(4 * route_tokens * route_words(r.k_max))
             self.commands.append(encode_command(Command.ROUTE, layer, route_tokens, logits_addr, out))

@@ -10,12 +10,11 @@ import torch
 
 from moegen.config import load_config
 from moegen.generate import firmware_files
-from moegen.golden.device import WEIGHT_ONE, Command, DeviceModel, encode_command, pack_table
+from moegen.golden.device import WEIGHT_ONE, Command, DeviceModel, activation_bytes, encode_command, pack_table
 from moegen.golden.expert import quantize_activations
 from moegen.golden.image import write_image
 from moegen.host.device import model_link
 from moegen.host.link import serve_model
-from moegen.rtl.expert import activation_words
 from moegen.rtl.testbench.loader import make_expert
 
 FIRMWARE = Path(__file__).parents[2] / "firmware"
@@ -40,7 +39,7 @@ def expert_job(config, seed, *, expert=2, tokens=3):
     image = write_image(qe, config_hash=config.device_hash, expert_id=expert)
     x = torch.randn(tokens, config.model.hidden, generator=torch.Generator().manual_seed(seed))
     x_q, mult, shift, _ = quantize_activations(x)
-    x_bytes = b"".join(w.to_bytes(4, "little") for w in activation_words(x_q, mult, shift))
+    x_bytes = activation_bytes(x_q, mult, shift)
     table = pack_table(reversed(range(tokens)), [WEIGHT_ONE - 7 * t for t in range(tokens)])
     port = config.memory.port_width // 8
     placed, cursor = [], 0

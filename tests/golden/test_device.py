@@ -1,4 +1,3 @@
-import numpy as np
 import pytest
 import torch
 
@@ -9,19 +8,16 @@ from moegen.golden.device import (
     CommandError,
     DeviceModel,
     ErrorSource,
+    activation_bytes,
     encode_command,
     pack_table,
     route_words,
+    words_bytes,
 )
 from moegen.golden.expert import expert_int, quantize_activations
 from moegen.golden.image import ImageErrorCode, write_image
 from moegen.golden.router import route
-from moegen.rtl.expert import activation_words
 from moegen.rtl.testbench.loader import make_expert
-
-
-def _words_bytes(words):
-    return np.asarray(words, dtype=np.int64).astype("<u4").tobytes()
 
 
 def test_encode_command_pads_and_checks_words():
@@ -37,7 +33,7 @@ def test_route_writes_counts_and_slots_with_the_layer_k():
     r = config.router
     device = DeviceModel(config)
     logits = torch.randint(-3000, 3000, (3, r.experts), generator=torch.Generator().manual_seed(1))
-    device.mem[0:4 * logits.numel()] = _words_bytes(logits.reshape(-1) & 0xFFFFFFFF)
+    device.mem[0:4 * logits.numel()] = words_bytes(logits.reshape(-1))
     device.k[1] = 1
     device.submit(encode_command(Command.ROUTE, 1, 3, 0, 256))
     indices, weights, counts = DeviceModel.unpack_routes(device.mem[256:], 3, r.k_max)
@@ -58,8 +54,8 @@ def test_run_expert_accumulates_weighted_outputs_and_wraps_int32():
     x = torch.randn(2, config.model.hidden, generator=torch.Generator().manual_seed(2))
     x_q, mult, shift, _ = quantize_activations(x)
     x_addr, table_addr = 4096, 8192
-    device.mem[x_addr:x_addr + 4 * len(activation_words(x_q, mult, shift))] = _words_bytes(
-        activation_words(x_q, mult, shift))
+    x_bytes = activation_bytes(x_q, mult, shift)
+    device.mem[x_addr:x_addr + len(x_bytes)] = x_bytes
     device.mem[table_addr:table_addr + 8] = pack_table([2, 0], [WEIGHT_ONE, 3])
     device.acc[2] = 2**31 - 1
     run = encode_command(Command.RUN_EXPERT, 0, 3 | 2 << 16, x_addr, table_addr)
