@@ -59,7 +59,7 @@ def run(args):
     from moegen.errors import UserError
     from moegen.hls.flow import activation_aware_prune, choose_k, profile, routed_k
     from moegen.host.demo import corpus
-    from moegen.host.demo.model import CONTEXT, encode, load_demo, perplexity
+    from moegen.host.demo.model import CONTEXT, calibration_ids, load_demo, perplexity
     from moegen.host.offload import expert_weights, experts_modules, offload
 
     if not 512 <= args.heldout <= 1 << 20:
@@ -67,7 +67,7 @@ def run(args):
     torch.set_num_threads(1)  # the machine is shared; two threads waiting on each other run slower
     model = load_demo()
     heldout = corpus.heldout(args.heldout)
-    calibration = torch.tensor(encode(corpus.training_text()[:4 * CONTEXT])).view(4, CONTEXT)
+    calibration = calibration_ids()
     config = load_config("default")
 
     def measure(target=model):

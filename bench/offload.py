@@ -23,12 +23,10 @@ def add_arguments(parser):
 
 
 def run(args):
-    import torch
 
     from moegen.config import load_config
     from moegen.errors import UserError
-    from moegen.host.demo import corpus
-    from moegen.host.demo.model import CONTEXT, encode, generate, load_demo
+    from moegen.host.demo.model import calibration_ids, generate, load_demo
     from moegen.host.device import open_device
     from moegen.host.offload import offload
     from moegen.host.policies import LINKS, POLICIES
@@ -38,7 +36,7 @@ def run(args):
         raise UserError(f"--tokens must be in 1..512, not {args.tokens}")
     config = load_config(args.config)
     model = load_demo()
-    calibration = torch.tensor(encode(corpus.training_text()[:4 * CONTEXT])).view(4, CONTEXT)
+    calibration = calibration_ids()
     rows = {}
     with launch(build(config)) as harness, open_device(config, "sim", address=harness.socket) as device:
         for name in POLICIES:

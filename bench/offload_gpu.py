@@ -24,8 +24,7 @@ def run(args):
 
     from moegen.config import load_config
     from moegen.errors import UserError
-    from moegen.host.demo import corpus
-    from moegen.host.demo.model import CONTEXT, encode, load_demo
+    from moegen.host.demo.model import calibration_ids, encode, load_demo
     from moegen.host.device import open_device
     from moegen.host.offload import offload
 
@@ -33,7 +32,7 @@ def run(args):
         raise UserError("bench offload_gpu needs a CUDA GPU (torch.cuda.is_available() is False)")
     config = load_config(args.config)
     model = load_demo().to("cuda")
-    calibration = torch.tensor(encode(corpus.training_text()[:4 * CONTEXT])).view(4, CONTEXT)
+    calibration = calibration_ids()
     prompt = torch.tensor([encode("def main(argv):\n    ")], device="cuda")
 
     def decode():

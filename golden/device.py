@@ -37,6 +37,7 @@ __all__ = [
     "pack_table",
     "route_words",
     "words_bytes",
+    "wrap_int32",
     "x_words",
 ]
 
@@ -96,6 +97,11 @@ def activation_bytes(x_q, tok_mult, tok_shift):
     factors = np.asarray(tok_mult, dtype=np.int64) | np.asarray(tok_shift, dtype=np.int64) << 16
     words = values.view("<u4").astype(np.int64)
     return words_bytes(np.concatenate([factors[:, None], words], axis=1))
+
+
+def wrap_int32(values):
+    """Integers wrapped to int32 (two's complement), as the accumulator holds them."""
+    return (values + (1 << 31)) % (1 << 32) - (1 << 31)
 
 
 def x_words(hidden):
@@ -245,8 +251,7 @@ class DeviceModel:
         y = expert_int(torch.from_numpy(values.astype(np.int64)), torch.from_numpy(tok_mult),
                        torch.from_numpy(tok_shift), qe).numpy()
         for t in range(tokens):
-            total = self.acc[rows[t]] + weights[t] * y[t]
-            self.acc[rows[t]] = (total + (1 << 31)) % (1 << 32) - (1 << 31)
+            self.acc[rows[t]] = wrap_int32(self.acc[rows[t]] + weights[t] * y[t])
 
     @staticmethod
     def unpack_routes(data, tokens, k_max):

@@ -47,8 +47,6 @@ __all__ = [
 ]
 
 STEPS = ("profile", "prune", "quantize", "choose-k", "place", "size-hardware", "emit")
-#: Calibration inputs kept per expert (as :data:`moegen.host.offload.CALIBRATION_ROWS`).
-CALIBRATION_ROWS = 256
 #: Tokens per window of the calibration and perplexity passes.
 CONTEXT = 256
 #: Candidate array sides, sparsity patterns, loader banks of the hardware search.
@@ -193,11 +191,9 @@ def int8_experts(model, calibration, config, quantized):
     (``offload`` with no device and no host experts); yields the :class:`Offload` handle."""
     from ..host.offload import offload
 
-    handle = offload(model, None, policy="static", hot=0, calibration=calibration, config=config)
+    handle = offload(model, None, policy="static", hot=0, calibration=calibration, config=config,
+                     quantized=[dict(enumerate(experts)) for experts in quantized])
     try:
-        for layer, experts in zip(handle.layers, quantized, strict=True):
-            layer.quantized = dict(enumerate(experts))
-            layer.out_scale = max(qe.out_scale for qe in experts)
         yield handle
     finally:
         handle.remove()
@@ -399,15 +395,14 @@ def _image_name(layer, expert):
 
 def profile(model, calibration):
     """A profiling pass over ``calibration [B, S]``: per layer, how often each expert was chosen
-    and up to :data:`CALIBRATION_ROWS` of its inputs (``[N, hidden]``, maybe ``N == 0``)."""
+    and up to :data:`~moegen.host.offload.CALIBRATION_ROWS` of its inputs (``[N, hidden]``, maybe
+    ``N == 0``)."""
     from ..host.offload import Profiler, experts_modules
 
     modules = experts_modules(model)
-    hidden = modules[0].gate_up_proj.shape[2]
-    profiler = Profiler.run(model, modules, calibration, CALIBRATION_ROWS)
+    profiler = Profiler.run(model, modules, calibration)
     experts = modules[0].gate_up_proj.shape[0]
-    inputs = [[torch.cat(profiler.inputs[id(m)].get(e, [torch.zeros(0, hidden)]))[:CALIBRATION_ROWS]
-               for e in range(experts)] for m in modules]
+    inputs = [[profiler.rows(m, e) for e in range(experts)] for m in modules]
     return [profiler.counts[id(m)].tolist() for m in modules], inputs
 
 
@@ -487,6 +482,7 @@ def _prune(flow, folder):
 def _quantize(flow, folder):
     from ..golden.expert import ExpertWeights, quantize_expert
     from ..golden.image import write_image
+    from ..host.offload import CALIBRATION_ROWS
 
     config = flow.provisional_config()
     a = config.array

@@ -39,6 +39,7 @@ from ..golden.device import (
     words_bytes,
     x_words,
 )
+from ..golden.formats import align_up
 from ..golden.image import ImageError, ImageErrorCode, read_header
 from ..golden.link import LinkModel, Status
 from ..golden.router import Routing
@@ -78,10 +79,6 @@ class ExpertHandle:
     addr: int
     expert: int
     nbytes: int
-
-
-def _align(n):
-    return -(-n // ALIGN) * ALIGN
 
 
 class Device:
@@ -163,10 +160,10 @@ class Device:
         return self.link.read_mem(addr, padded)[:nbytes]
 
     def counters(self):
-        """Every counter register by name (cycles, commands, engine and loader, link)."""
-        names = ["CYCLES", "BUSY_CYCLES", "COMMANDS", "ROUTED_TOKENS", "ENGINE_BUSY", "ENGINE_STEPS", "STALL_WEIGHTS",
-                 "STALL_ACTIVATIONS", "STALL_OUTPUT", "LOAD_CYCLES", "LOAD_BYTES", "IMAGE_ERRORS", "LINK_FRAMES",
-                 "LINK_DROPPED"]
+        """Every counter register by name (cycles, commands, engine and loader, link): the
+        register map's registers from ``CYCLES`` on, in one request."""
+        names = list(self.registers)
+        names = names[names.index("CYCLES"):]
         first = self.registers[names[0]].offset
         values = self.link.read_csr(first, len(names))
         return dict(zip(names, values, strict=True))
@@ -197,11 +194,11 @@ class Device:
             raise DeviceError(f"expert image for expert {expert} refused: {error}") from None
         nbytes = header.layout.nbytes
         addr = self.images_end
-        if addr + _align(nbytes) > self.config.memory.size_bytes:
+        if addr + align_up(nbytes, ALIGN) > self.config.memory.size_bytes:
             raise DeviceError(f"device memory is full: {len(self.experts)} expert images use {addr} of "
                               f"{self.config.memory.size_bytes} bytes; expert {expert} needs {nbytes} more")
         self.write_mem(addr, image[:nbytes])
-        self.images_end = addr + _align(nbytes)
+        self.images_end = addr + align_up(nbytes, ALIGN)
         handle = ExpertHandle(addr, expert, nbytes)
         self.experts.append(handle)
         return handle
@@ -314,7 +311,7 @@ class _Arena:
         self.floor = floor
 
     def take(self, nbytes):
-        self.top -= _align(nbytes)
+        self.top -= align_up(nbytes, ALIGN)
         if self.top < self.floor:
             raise DeviceError(f"device memory is full: a batch needs buffers above the {self.floor} bytes of "
                               f"expert images")
@@ -327,19 +324,18 @@ class _Arena:
 def model_link(config, **_):
     """A DeviceModel behind a LinkModel, in process."""
     device = DeviceModel(config)
-    regs = {reg.name: reg for reg in register_map(config)}
     by_word = {}
-    for reg in regs.values():
+    for reg in register_map(config):
         for i in range(reg.count):
             by_word[reg.offset + 4 * i] = (reg, i)
+    live = {"K": lambda i: device.k[i], "TOP_P": lambda i: device.top_p[i], "ERROR": lambda i: device.error,
+            "FENCE": lambda i: device.fence, "COMMANDS": lambda i: device.commands,
+            "ROUTED_TOKENS": lambda i: device.routed_tokens, "STATUS": lambda i: int(device.error != 0) << 1}
 
     def csr_read(addr):
         reg, i = by_word[addr]
-        live = {"K": lambda: device.k[i], "TOP_P": lambda: device.top_p[i], "ERROR": lambda: device.error,
-                "FENCE": lambda: device.fence, "COMMANDS": lambda: device.commands,
-                "ROUTED_TOKENS": lambda: device.routed_tokens, "STATUS": lambda: int(device.error != 0) << 1}
         if reg.name in live:
-            return live[reg.name]() & 0xFFFFFFFF
+            return live[reg.name](i) & 0xFFFFFFFF
         return reg.reset if reg.constant else 0
 
     def csr_write(addr, value):

@@ -54,7 +54,7 @@ def run(args):
     from ..config import load_config
     from ..errors import UserError
     from .demo import corpus
-    from .demo.model import CONTEXT, encode, generate, load_demo, perplexity
+    from .demo.model import CONTEXT, calibration_ids, generate, load_demo, perplexity
     from .device import open_device
     from .offload import offload
     from .policies import LINKS
@@ -74,8 +74,7 @@ def run(args):
     torch.set_num_threads(1)
     model = load_demo(None if args.checkpoint is None else Path(args.checkpoint))
     heldout = corpus.heldout(args.heldout)
-    train = corpus.training_text()
-    calibration = torch.tensor(encode(train[:4 * CONTEXT])).view(4, CONTEXT)
+    calibration = calibration_ids()
     context = min(CONTEXT, args.heldout)
     measure = {"context": context, "stride": context // 2}
 
@@ -88,7 +87,10 @@ def run(args):
     all_int8.remove()
 
     step(f"int8 reference: policy {args.policy}, hot {args.hot}, cold experts with golden on the host")
-    reference = offload(model, None, policy=args.policy, hot=args.hot, calibration=calibration, config=config)
+    # the experts converted once, for every split below
+    quantized = [layer.quantized for layer in all_int8.layers]
+    reference = offload(model, None, policy=args.policy, hot=args.hot, calibration=calibration, config=config,
+                        quantized=quantized)
     ppl_reference = perplexity(model, heldout, **measure)
     text_reference = generate(model, args.prompt, args.generate)
     reference.remove()
@@ -96,7 +98,8 @@ def run(args):
     step("starting the simulated device")
     with launch(binary) as harness, open_device(config, "sim", address=harness.socket, timeout=5.0) as device:
         step(f"offloading: policy {args.policy}, hot {args.hot}; converting and uploading cold experts")
-        handle = offload(model, device, policy=args.policy, hot=args.hot, calibration=calibration)
+        handle = offload(model, device, policy=args.policy, hot=args.hot, calibration=calibration,
+                         quantized=quantized)
         uploaded = len(device.experts)
         step(f"perplexity with cold experts on the simulated device ({uploaded} experts resident there)")
         ppl_offloaded = perplexity(model, heldout, **measure)

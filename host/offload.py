@@ -33,7 +33,7 @@ import torch
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from ..errors import UserError
-from ..golden.device import WEIGHT_ONE
+from ..golden.device import WEIGHT_ONE, wrap_int32
 from ..golden.expert import ExpertWeights, expert_int, prune_expert, quantize_activations, quantize_expert
 from ..golden.image import write_image
 from .device import DeviceError
@@ -104,9 +104,17 @@ class Profiler:
     """Records each expert's inputs and selection counts during a calibration pass."""
 
     def __init__(self, modules, rows):
-        self.rows = rows
+        self.limit = rows
         self.inputs = {id(m): {} for m in modules}
         self.counts = {id(m): torch.zeros(m.gate_up_proj.shape[0], dtype=torch.int64) for m in modules}
+
+    def rows(self, module, expert):
+        """The recorded inputs of ``expert`` of ``module``: ``[N, hidden]``, ``N`` up to the
+        row limit, maybe 0."""
+        kept = self.inputs[id(module)].get(expert)
+        if not kept:
+            return torch.zeros(0, module.gate_up_proj.shape[2])
+        return torch.cat(kept)[:self.limit]
 
     @classmethod
     def run(cls, model, modules, calibration, rows=CALIBRATION_ROWS):
@@ -131,7 +139,7 @@ class Profiler:
             tokens = (top_k_index == e).any(-1)
             counts[e] += int(tokens.sum())
             kept = inputs.setdefault(e, [])
-            if sum(len(x) for x in kept) < self.rows:
+            if sum(len(x) for x in kept) < self.limit:
                 kept.append(hidden_states[tokens].detach().float().cpu())
         return type(module).forward.__wrapped__(module, hidden_states, top_k_index, top_k_weights)
 
@@ -147,6 +155,8 @@ class OffloadedLayer:
         self.handles = handles  # expert -> ExpertHandle
         self.offload = offload
         self.out_scale = max(qe.out_scale for qe in quantized.values())
+        #: Each expert's output scale over the layer's, folded into its accumulation weights.
+        self.scale_ratio = {e: qe.out_scale / self.out_scale for e, qe in quantized.items()}
         self.experts = module.gate_up_proj.shape[0]
 
     def host_expert(self, e, x):
@@ -163,7 +173,7 @@ class OffloadedLayer:
             where = placement[e]
             tokens, slot = torch.where(top_k_index == e)
             if where == "device":
-                device_experts.append((e, tokens, top_k_weights[tokens, slot]))
+                device_experts.append((e, tokens.cpu(), top_k_weights[tokens, slot].detach().double().cpu()))
                 continue
             start = time.perf_counter()
             y = self.host_expert(e, hidden_states[tokens])
@@ -182,17 +192,17 @@ class OffloadedLayer:
         total = torch.zeros(x.shape, dtype=torch.float64)
         for start in range(0, len(x), rows_max):
             stop = min(start + rows_max, len(x))
+            # per-token quantization: each row once, whichever experts chose it
+            x_q, mult, shift, _ = quantize_activations(x[start:stop], off.config.array.act_width)
             batch = []
             for e, tokens, weights in calls:
                 inside = (tokens >= start) & (tokens < stop)
                 if not inside.any():
                     continue
-                rows = (tokens[inside] - start).cpu()
-                x_q, mult, shift, _ = quantize_activations(x[tokens[inside].cpu()], off.config.array.act_width)
-                scale = self.quantized[e].out_scale / self.out_scale
-                wq = torch.clamp(torch.round(weights[inside].detach().double().cpu() * scale * WEIGHT_ONE), 0,
+                rows = tokens[inside] - start
+                wq = torch.clamp(torch.round(weights[inside] * self.scale_ratio[e] * WEIGHT_ONE), 0,
                                  WEIGHT_ONE).to(torch.int64)
-                batch.append((e, x_q, mult, shift, rows, wq))
+                batch.append((e, x_q[rows], mult[rows], shift[rows], rows, wq))
             if batch:
                 acc = self._run(batch, stop - start)
                 total[start:stop] += acc.double() * (self.out_scale / WEIGHT_ONE)
@@ -205,7 +215,8 @@ class OffloadedLayer:
         start = time.perf_counter()
         fallback, cycles, sent, received = device is not None, 0, 0, 0
         if device is not None:
-            before, counters = dict(device.link.stats), off.device_counters()
+            stats = device.link.stats
+            sent, received, counters = stats["bytes_out"], stats["bytes_in"], off.device_counters()
             calls = [(self.handles[e], x_q, mult, shift, r.tolist(), w.tolist()) for e, x_q, mult, shift, r, w in batch]
             try:
                 acc = device.run_experts(calls, rows)
@@ -213,8 +224,7 @@ class OffloadedLayer:
                 cycles = off.device_counters() - counters
             except (DeviceError, LinkError, LinkTimeout, OSError) as error:
                 off.warn_fallback(error)
-            sent = device.link.stats["bytes_out"] - before["bytes_out"]
-            received = device.link.stats["bytes_in"] - before["bytes_in"]
+            sent, received = stats["bytes_out"] - sent, stats["bytes_in"] - received
         if device is None or fallback:
             acc = self.reference(batch, rows)
         elapsed = time.perf_counter() - start
@@ -232,7 +242,7 @@ class OffloadedLayer:
         for e, x_q, mult, shift, r, w in batch:
             y = expert_int(x_q, mult, shift, self.quantized[e])
             acc[r] += w[:, None] * y
-        return (acc + (1 << 31)) % (1 << 32) - (1 << 31)
+        return wrap_int32(acc)
 
 
 class Offload:
@@ -247,18 +257,22 @@ class Offload:
         Per layer, how often the calibration pass chose each expert.
     """
 
-    def __init__(self, model, device, config, policy, frequency, expert_bytes):
+    def __init__(self, model, device, config, frequency):
         self.model = model
         self.device = device
         self.config = config
-        self.policy = policy
+        self.policy = None
         self.frequency = frequency
-        self.expert_bytes = expert_bytes
         self.layers = []
         self.telemetry = Telemetry(len(frequency), len(frequency[0]))
         self.warned = False
         self.routers = []
         self.previous = model.config._experts_implementation
+
+    @property
+    def expert_bytes(self):
+        """Bytes of one expert image (what a weight move carries)."""
+        return self.config.image_layout.nbytes
 
     def device_counters(self):
         if self.device is None:
@@ -289,6 +303,21 @@ class Offload:
         self.model.set_experts_implementation(self.previous)
 
 
+def _quantize(module, profiler, config):
+    """Every expert of ``module`` pruned to the config's M:N and quantized, calibrated on its
+    profiled inputs (an expert the pass never chose: 16 seeded Gaussian rows)."""
+    a = config.array
+    quantized = {}
+    for e in range(module.gate_up_proj.shape[0]):
+        calib = profiler.rows(module, e)
+        if not len(calib):
+            calib = torch.randn(16, config.model.hidden, generator=torch.Generator().manual_seed(e))
+        pruned = prune_expert(expert_weights(module, e), a.m, a.n)
+        quantized[e] = quantize_expert(pruned, calib, m=a.m, n=a.n, cols=a.cols, weight_bits=a.weight_width,
+                                       act_bits=a.act_width)
+    return quantized
+
+
 def _router_of(model, experts):
     """The router (``gate``) next to an experts module."""
     for module in model.modules():
@@ -297,7 +326,7 @@ def _router_of(model, experts):
     raise UserError(f"{type(model).__name__}: no router next to an experts module")
 
 
-def offload(model, device, *, policy="static", hot=None, calibration=None, **policy_options):
+def offload(model, device, *, policy="static", hot=None, calibration=None, quantized=None, **policy_options):
     """Put ``model``'s cold experts on ``device``; returns an :class:`Offload` handle.
 
     Parameters
@@ -315,6 +344,9 @@ def offload(model, device, *, policy="static", hot=None, calibration=None, **pol
         a quarter of the experts.
     calibration : LongTensor ``[B, S]``
         Token ids for the profiling pass (expert frequencies and quantization inputs).
+    quantized : list of dict or None
+        Per layer, ``expert -> QuantizedExpert`` to use instead of converting the model's
+        experts again (for instance ``[layer.quantized for layer in other.layers]``).
     policy_options
         Passed to the policy (``link`` for ``cost``); ``config`` (an AccelConfig) when
         ``device`` is None.
@@ -328,26 +360,20 @@ def offload(model, device, *, policy="static", hot=None, calibration=None, **pol
     if not 0 <= hot <= experts:
         raise UserError(f"hot must lie in 0..{experts} (experts per layer), not {hot}")
 
+    if quantized is not None and len(quantized) != len(modules):
+        raise UserError(f"quantized has {len(quantized)} layers; the model has {len(modules)} MoE layers")
     profiler = Profiler.run(model, modules, calibration)
-    frequency = [profiler.counts[id(m)] for m in modules]
-    a = config.array
-    expert_bytes = config.image_layout.nbytes
-    handle = Offload(model, device, config, None, frequency, expert_bytes)
+    handle = Offload(model, device, config, [profiler.counts[id(m)] for m in modules])
     handle.routers = [_router_of(model, module) for module in modules]
     handle.policy = make_policy(policy, handle, hot=hot, **policy_options)
     for index, module in enumerate(modules):
-        quantized, handles = {}, {}
+        experts_q = quantized[index] if quantized is not None else _quantize(module, profiler, config)
+        handles = {}
         for e in range(experts):
-            rows = profiler.inputs[id(module)].get(e)
-            calib = torch.cat(rows)[:CALIBRATION_ROWS] if rows else torch.randn(16, config.model.hidden)
-            pruned = prune_expert(expert_weights(module, e), a.m, a.n)
-            quantized[e] = quantize_expert(pruned, calib, m=a.m, n=a.n, cols=a.cols, weight_bits=a.weight_width,
-                                           act_bits=a.act_width)
             if device is not None and handle.policy.uses_device(index, e):
-                image = write_image(quantized[e], config_hash=config.device_hash, expert_id=e, layer=index)
+                image = write_image(experts_q[e], config_hash=config.device_hash, expert_id=e, layer=index)
                 handles[e] = device.upload_expert(image, expert=e)
-        layer = OffloadedLayer(index, module, quantized, handles, handle)
-        handle.layers.append(layer)
+        handle.layers.append(OffloadedLayer(index, module, experts_q, handles, handle))
     for layer in handle.layers:
         _LAYERS[layer.module] = layer
     model.set_experts_implementation(IMPLEMENTATION)

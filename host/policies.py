@@ -90,7 +90,7 @@ class LRU(Policy):
     def __init__(self, offload, *, hot):
         super().__init__(offload, hot=hot)
         self.cache = [OrderedDict() for _ in range(self.layers)]
-        self.uses = [torch.zeros(len(offload.frequency[0]), dtype=torch.int64) for _ in range(self.layers)]
+        self.uses = [[0] * len(offload.frequency[0]) for _ in range(self.layers)]
 
     def _victim(self, layer):
         return next(iter(self.cache[layer]))
@@ -123,7 +123,8 @@ class LFU(LRU):
 
     def _victim(self, layer):
         uses = self.uses[layer]
-        return min(self.cache[layer], key=lambda e: (int(uses[e]), list(self.cache[layer]).index(e)))
+        # fewest uses; among those the least recently used (first in the cache's order)
+        return min(enumerate(self.cache[layer]), key=lambda pair: (uses[pair[1]], pair[0]))[1]
 
 
 class Prefetch(LRU):
@@ -187,18 +188,19 @@ class Cost(LRU):
         tel = self.offload.telemetry
         config = self.offload.config
         placement = {}
+        tokens = hidden.shape[0]
+        host_s = tel.host_seconds_per_token() * tokens
+        device_cycles = tel.device_cycles_per_token() * tokens
         for e in experts:
-            tokens = hidden.shape[0]
             if e in self.cache[layer]:
                 self._admit(layer, e)
                 tel.hit(layer, e, True)
                 placement[e] = "host"
                 continue
             tel.hit(layer, e, False)
-            host_s = tel.host_seconds_per_token() * tokens
             move_s = self.link.seconds(self.offload.expert_bytes) + host_s
             act_bytes = tokens * (4 + config.model.hidden) + tokens * 4 * config.model.hidden
-            device_s = tel.device_cycles_per_token() * tokens / (config.target.clock_mhz * 1e6) \
+            device_s = device_cycles / (config.target.clock_mhz * 1e6) \
                 + self.link.seconds(act_bytes, requests=4)
             if move_s < device_s:
                 self._admit(layer, e)

@@ -12,8 +12,6 @@ fails) and is renamed into place only when complete, under a file lock.
 socket; drive it with :class:`moegen.host.link.LinkClient` over a ``socket`` transport.
 """
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -31,7 +29,7 @@ from amaranth.back import verilog
 
 from .. import __version__
 from ..generate import stamp
-from ..simulation import build_root
+from ..simulation import _locked, build_root
 from ..toolchain import VERILATOR_LINT_FLAGS, find_verilator
 
 __all__ = ["BINARY", "TOP_PORTS", "Harness", "HarnessError", "HarnessSummary", "accelerator", "build", "launch",
@@ -89,13 +87,6 @@ def _defines(config):
     values = {"MOEGEN_CONFIG_NAME": config.name, "MOEGEN_CONFIG_SHA256": config.hash, "MOEGEN_VERSION": __version__}
     # Verilator writes -CFLAGS into a makefile whose recipe runs in a shell: quotes are escaped once.
     return " ".join(f'-D{key}=\\"{value}\\"' for key, value in values.items())
-
-
-@contextlib.contextmanager
-def _locked(path):
-    with open(path, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
 
 
 def _elapsed(start):

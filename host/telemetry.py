@@ -46,7 +46,6 @@ class Telemetry:
         """Zero every counter (for instance after a warm-up)."""
         self.counters = [[ExpertCounters() for _ in range(self.experts)] for _ in range(self.layers)]
         self.sequence = []  # 1 for a hit, 0 for a miss, in order
-        self.steps = 0
 
     def __getitem__(self, index):
         layer, expert = index

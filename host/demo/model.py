@@ -16,8 +16,8 @@ import torch
 from transformers import GenerationConfig, MixtralConfig, MixtralForCausalLM
 
 __all__ = [
-    "CONTEXT", "VOCAB_SIZE", "checkpoint_dir", "decode", "demo_config", "encode", "expert_usage", "generate",
-    "load_demo", "perplexity", "unigram_perplexity",
+    "CONTEXT", "VOCAB_SIZE", "calibration_ids", "checkpoint_dir", "decode", "demo_config", "encode", "expert_usage",
+    "generate", "load_demo", "perplexity", "unigram_perplexity",
 ]
 
 VOCAB_SIZE = 256
@@ -53,6 +53,14 @@ def demo_config():
         eos_token_id=None,
         pad_token_id=None,
     )
+
+
+def calibration_ids(windows=4):
+    """Token ids ``[windows, CONTEXT]`` from the start of the training text: what the offload
+    plugin and the benches profile and calibrate on."""
+    from .corpus import training_text
+
+    return torch.tensor(encode(training_text()[:windows * CONTEXT])).view(windows, CONTEXT)
 
 
 def checkpoint_dir():

@@ -23,13 +23,10 @@ from ...golden.device import (
     x_words,
 )
 from ...golden.expert import expert_int, quantize_activations
+from ...golden.formats import align_up
 from ...golden.image import write_image
 from ...golden.router import route
 from .loader import make_expert
-
-
-def _align(n):
-    return -(-n // ALIGN) * ALIGN
 
 
 class Workload:
@@ -58,13 +55,13 @@ class Workload:
             nonlocal cursor
             addr = cursor
             self.writes.append((addr, bytes(data)))
-            cursor = _align(cursor + len(data))
+            cursor = align_up(cursor + len(data), ALIGN)
             return addr
 
         def reserve(nbytes):
             nonlocal cursor
             addr = cursor
-            cursor = _align(cursor + nbytes)
+            cursor = align_up(cursor + nbytes, ALIGN)
             self.outputs.append((addr, nbytes))
             return addr
 
