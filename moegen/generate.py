@@ -28,9 +28,7 @@ def _requantizer(config):
 def _sparse_systolic_array(config):
     from .rtl.array import SparseSystolicArray
 
-    a = config.array
-    return SparseSystolicArray(rows=a.rows, cols=a.cols, m=a.m, n=a.n, act_width=a.act_width,
-                               weight_width=a.weight_width, acc_width=a.acc_width)
+    return SparseSystolicArray.from_config(config)
 
 
 def _expert_engine(config):

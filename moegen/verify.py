@@ -324,8 +324,6 @@ def _link_elaborate(args, config):
     overrides = {key: getattr(args, key) for key in ("port_width", "max_payload", "burst_len", "mem_bytes",
                                                       "idle_timeout", "queue_words")
                  if getattr(args, key, None) is not None}
-    if "max_payload" in overrides and "mem_bytes" not in overrides:
-        overrides["mem_bytes"] = 4 * overrides["max_payload"]
     params = harness_params(args.config, seed=args.seed, faults=args.faults, patterns=DEFAULT_PATTERNS, **overrides)
     return build_harness(params), "link_harness", "moegen.rtl.testbench.link", params
 

@@ -29,7 +29,14 @@ from amaranth.utils import bits_for, ceil_log2
 from ..golden.formats import index_bits
 from .params import check_int, reject
 
-__all__ = ["SUPPORTED_N", "SparseSystolicArray", "activation_layout", "required_acc_bits", "result_layout"]
+__all__ = [
+    "SUPPORTED_N",
+    "SparseSystolicArray",
+    "activation_layout",
+    "required_acc_bits",
+    "result_layout",
+    "step_bits",
+]
 
 #: Group sizes the array supports (``n`` is a power of two; the config allows up to 16).
 SUPPORTED_N = (1, 2, 4, 8, 16)
@@ -74,6 +81,11 @@ def _adder_tree(values):
     while len(values) > 1:
         values = [values[i] + values[i + 1] if i + 1 < len(values) else values[i] for i in range(0, len(values), 2)]
     return values[0]
+
+
+def step_bits(cols, m, n, weight_width):
+    """Bits of one step record: ``cols * m`` (value, index) pairs."""
+    return cols * m * (weight_width + index_bits(m, n))
 
 
 class SparseSystolicArray(wiring.Component):
@@ -134,7 +146,7 @@ class SparseSystolicArray(wiring.Component):
         self.weight_width = check_int(self, "weight_width", weight_width, 2, 8)
         self.acc_width = check_int(self, "acc_width", acc_width, 8, 32)
         self.index_bits = index_bits(m, n)
-        self.step_bits = cols * m * (weight_width + self.index_bits)
+        self.step_bits = step_bits(cols, m, n, weight_width)
         #: cycles from the P (multiply) stage to the A (accumulate) stage
         self._acc_stage = 1 if m == 1 else 2
         #: results FIFO depth: one tile's rows plus the rows still in flight to the consumer
@@ -146,6 +158,13 @@ class SparseSystolicArray(wiring.Component):
             "w": In(stream.Signature(self.step_bits)),
             "o": Out(stream.Signature(result_layout(rows, cols, acc_width))),
         })
+
+    @classmethod
+    def from_config(cls, config):
+        """The array of an :class:`~moegen.AccelConfig`'s ``array`` section."""
+        a = config.array
+        return cls(rows=a.rows, cols=a.cols, m=a.m, n=a.n, act_width=a.act_width, weight_width=a.weight_width,
+                   acc_width=a.acc_width)
 
     def elaborate(self, platform):
         m = Module()

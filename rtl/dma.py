@@ -15,23 +15,16 @@ from amaranth.lib import data, stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
-from .memory import burst_read_signature, write_layout
-from .params import check_int, reject
+from .memory import burst_read_signature, check_port_width, write_layout
+from .params import check_int
 
 __all__ = ["WordReader", "WordWriter", "port_words"]
 
-PORT_WIDTHS = (8, 16, 32, 64, 128, 256, 512)
 
 
 def port_words(words, port_width):
     """Port words that hold ``words`` 32-bit words."""
     return -(-words * 32 // port_width)
-
-
-def _check_port(component, port_width):
-    if port_width not in PORT_WIDTHS:
-        reject(component, f"port_width must be one of {', '.join(map(str, PORT_WIDTHS))}, not {port_width!r}")
-    return port_width
 
 
 def transfer_layout(addr_width, count_width):
@@ -73,7 +66,7 @@ class WordReader(wiring.Component):
 
     def __init__(self, *, addr_width, port_width, burst_len, count_width, buffer_words):
         self.addr_width = check_int(self, "addr_width", addr_width, 1, 32)
-        self.port_width = _check_port(self, port_width)
+        self.port_width = check_port_width(self, port_width)
         self.burst_len = check_int(self, "burst_len", burst_len, 1, 256)
         self.count_width = check_int(self, "count_width", count_width, 1, 32)
         self.buffer_words = check_int(self, "buffer_words", buffer_words, burst_len, 4096)
@@ -173,7 +166,7 @@ class WordWriter(wiring.Component):
 
     def __init__(self, *, addr_width, port_width, count_width):
         self.addr_width = check_int(self, "addr_width", addr_width, 1, 32)
-        self.port_width = _check_port(self, port_width)
+        self.port_width = check_port_width(self, port_width)
         self.count_width = check_int(self, "count_width", count_width, 1, 32)
         super().__init__({
             "cmd": In(stream.Signature(transfer_layout(addr_width, count_width))),

@@ -35,11 +35,12 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out, connect
 from amaranth.utils import bits_for
 
-from ..golden.device import activation_bytes
-from ..golden.formats import index_bits
-from .array import SUPPORTED_N, SparseSystolicArray, required_acc_bits
+from ..golden.device import activation_bytes, x_words
+from ..golden.expert import FACTOR_BITS
+from .array import SUPPORTED_N, SparseSystolicArray, required_acc_bits, step_bits
 from .epilogue import Epilogue, Projection
 from .params import check_int, reject
+from .requant import SHIFT_BITS
 
 __all__ = ["COUNTERS", "ExpertEngine", "activation_words", "counter_layout", "expert_output_layout"]
 
@@ -139,7 +140,7 @@ class ExpertEngine(wiring.Component):
                          f"bits, not {acc_width}")
         self.ffn_tiles = -(-ffn // cols)
         self.hidden_tiles = -(-hidden // cols)
-        self.step_bits = cols * m * (weight_width + index_bits(m, n))
+        self.step_bits = step_bits(cols, m, n, weight_width)
         super().__init__({
             "run": In(stream.Signature(range(max_tokens + 1))),
             "params": In(stream.Signature(32)),
@@ -260,7 +261,7 @@ class ExpertEngine(wiring.Component):
         """Store the x stream: factor words to the epilogue, activations into the buffer.
         Returns the count of tokens stored."""
         rows, aw = self.rows, self.act_width
-        words_per_token = 1 + -(-self.hidden // 4)
+        words_per_token = x_words(self.hidden)
         loaded = Signal(range(self.max_tokens + 1))
         lane = Signal(range(max(2, rows)))
         tile_base = Signal(range(x_buffer.depth + 1))
@@ -273,8 +274,8 @@ class ExpertEngine(wiring.Component):
         m.d.comb += [
             epilogue.factors.valid.eq(took & (word == 0)),
             epilogue.factors.payload.token.eq(loaded),
-            epilogue.factors.payload.factor.mult.eq(self.x.payload[:15]),
-            epilogue.factors.payload.factor.shift.eq(self.x.payload[16:22]),
+            epilogue.factors.payload.factor.mult.eq(self.x.payload[:FACTOR_BITS]),
+            epilogue.factors.payload.factor.shift.eq(self.x.payload[16:16 + SHIFT_BITS]),
         ]
         x_write = x_buffer.write_port(granularity=aw)
         values = Cat(*(self.x.payload[8 * b:8 * b + aw] for b in range(4)))

@@ -33,7 +33,7 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from ..golden.link import CRC_BYTES, REQUEST_HEADER, RESPONSE_HEADER, SYNC_REQUEST, SYNC_RESPONSE, Opcode, Status
-from .memory import burst_read_signature, word_addr_width, write_layout
+from .memory import burst_read_signature, check_port_width, word_addr_width, write_layout
 from .params import check_int, reject
 from .regmap import csr_bus_signature
 
@@ -41,7 +41,6 @@ __all__ = ["QUEUE_WORDS", "LinkEndpoint", "request_header_layout"]
 
 #: Command FIFO depth in words that :meth:`LinkEndpoint.from_config` assumes: eight 8-word commands.
 QUEUE_WORDS = 64
-_PORT_WIDTHS = (8, 16, 32, 64, 128, 256, 512)
 
 
 def request_header_layout():
@@ -111,8 +110,7 @@ class LinkEndpoint(wiring.Component):
     """
 
     def __init__(self, *, max_payload, idle_timeout, mem_bytes, port_width, burst_len, queue_words):
-        if port_width not in _PORT_WIDTHS:
-            reject(self, f"port_width must be one of {', '.join(map(str, _PORT_WIDTHS))}, not {port_width!r}")
+        check_port_width(self, port_width)
         self.port_bytes = port_width // 8
         self.buffer_bytes = max(4, self.port_bytes)  # payload buffer word: a CSR word or a memory word
         check_int(self, "max_payload", max_payload, 4, 65535)

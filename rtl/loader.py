@@ -45,7 +45,7 @@ from amaranth.lib.wiring import In, Out
 
 from ..golden.formats import HEADER_SIZE, IMAGE_ALIGN, ImageLayout
 from ..golden.image import MAGIC, VERSION, ImageErrorCode
-from .memory import BurstArbiter, burst_read_signature, word_addr_width, written_signature
+from .memory import PORT_WIDTHS, BurstArbiter, burst_read_signature, word_addr_width, written_signature
 from .params import reject
 
 __all__ = [
@@ -145,8 +145,8 @@ class LoaderGeometry:
         self.rows = _checked("rows", rows, 1, 64)
         self.banks = _checked("banks", banks, 2, 8)
         self.bank_bytes = _checked("bank_bytes", bank_bytes, 1, 1 << 24)
-        if port_width not in (8, 16, 32, 64, 128, 256, 512):
-            raise ValueError(f"port_width must be one of 8, 16, 32, 64, 128, 256, 512, not {port_width!r}")
+        if port_width not in PORT_WIDTHS:
+            raise ValueError(f"port_width must be one of {', '.join(map(str, PORT_WIDTHS))}, not {port_width!r}")
         self.port_width = port_width
         self.burst_len = _checked("burst_len", burst_len, 1, 256)
         self.outstanding = _checked("outstanding", outstanding, 1, 16)

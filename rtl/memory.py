@@ -25,10 +25,12 @@ from amaranth.lib.wiring import In, Out
 from .params import check_int, reject
 
 __all__ = [
+    "PORT_WIDTHS",
     "BlockRAMMemory",
     "BurstArbiter",
     "SimulatedMemory",
     "burst_read_signature",
+    "check_port_width",
     "word_addr_width",
     "write_layout",
     "written_signature",
@@ -84,9 +86,19 @@ def _external_ram(m, addr_width, width, depth):
     return write, read
 
 
+#: Widths of a device-memory port, in bits.
+PORT_WIDTHS = (8, 16, 32, 64, 128, 256, 512)
+
+
+def check_port_width(component, port_width):
+    """``port_width`` must be one of :data:`PORT_WIDTHS`; returns it."""
+    if port_width not in PORT_WIDTHS:
+        reject(component, f"port_width must be one of {', '.join(map(str, PORT_WIDTHS))}, not {port_width!r}")
+    return port_width
+
+
 def _check_geometry(component, size_bytes, port_width, burst_len, outstanding):
-    if port_width not in (8, 16, 32, 64, 128, 256, 512):
-        reject(component, f"port_width must be one of 8, 16, 32, 64, 128, 256, 512, not {port_width!r}")
+    check_port_width(component, port_width)
     check_int(component, "size_bytes", size_bytes, port_width // 8, 1 << 32)
     if size_bytes % (port_width // 8):
         reject(component, f"size_bytes must be a multiple of the port's {port_width // 8} bytes, not {size_bytes}")

@@ -202,7 +202,17 @@ class RegisterFile(wiring.Component):
 def c_header(config, stamp_text):
     """``moegen_regs.h``: register offsets, identity, geometry, commands and error codes of
     ``config``'s device, for firmware (``stamp_text``: the artifact stamp, C comments)."""
-    from ..golden.device import ALIGN, COMMAND_WORDS, QUEUE_COMMANDS, WEIGHT_ONE, Command, CommandError, ErrorSource
+    from ..golden.device import (
+        ALIGN,
+        COMMAND_WORDS,
+        QUEUE_COMMANDS,
+        WEIGHT_ONE,
+        Command,
+        CommandError,
+        ErrorSource,
+        route_words,
+        x_words,
+    )
     from ..golden.image import ImageErrorCode
 
     r, model = config.router, config.model
@@ -226,7 +236,7 @@ def c_header(config, stamp_text):
                 "MAX_PAYLOAD": config.link.max_payload, "IMAGE_BYTES": config.image_layout.nbytes,
                 "ALIGN": ALIGN, "COMMAND_WORDS": COMMAND_WORDS, "QUEUE_COMMANDS": QUEUE_COMMANDS,
                 "WEIGHT_ONE": WEIGHT_ONE,
-                "X_WORDS_PER_TOKEN": 1 + -(-model.hidden // 4), "ROUTE_WORDS_PER_TOKEN": 1 + r.k_max}
+                "X_WORDS_PER_TOKEN": x_words(model.hidden), "ROUTE_WORDS_PER_TOKEN": route_words(r.k_max)}
     for name, value in geometry.items():
         define(f"MOEGEN_{name}", value)
     for title, enum in (("CMD", Command), ("ERRSRC", ErrorSource), ("CMDERR", CommandError),

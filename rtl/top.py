@@ -103,13 +103,13 @@ class CommandProcessor(wiring.Component):
         m = Module()
         config = self.config
         r, a, model, mem = config.router, config.array, config.model, config.memory
-        hidden_tiles = -(-model.hidden // a.cols)
-        acc_depth = model.max_tokens * hidden_tiles
         count_width = 32
 
         m.submodules.router = router = TopKRouter.from_config(r)
         m.submodules.loader = loader = ExpertLoader.from_config(config)
         m.submodules.engine = engine = ExpertEngine.from_config(config)
+        hidden_tiles = engine.hidden_tiles
+        acc_depth = model.max_tokens * hidden_tiles
         m.submodules.reader = reader = WordReader(
             addr_width=self.addr_width, port_width=mem.port_width, burst_len=mem.burst_len, count_width=count_width,
             buffer_words=mem.outstanding * mem.burst_len)
@@ -160,7 +160,7 @@ class CommandProcessor(wiring.Component):
         count = Signal(count_width)  # generic down/up counter of the running command
         progress = Signal(count_width)
 
-        m.d.comb += [self.error.eq(failure), self.cmd.ready.eq(0)]
+        m.d.comb += self.error.eq(failure)
         with m.If(self.clear_error):
             m.d.sync += failure.eq(0)
 
@@ -223,9 +223,18 @@ class CommandProcessor(wiring.Component):
         fence = Signal(32)
         m.d.comb += self.fence.eq(fence)
 
-        # default connections of the DMA engines (set per state below)
-        m.d.comb += [reader.o.ready.eq(0), writer.i.valid.eq(0), engine.x.valid.eq(0),
-                     engine.x.payload.eq(reader.o.payload)]
+        # the DMA engines' handshakes are set per state below
+        m.d.comb += engine.x.payload.eq(reader.o.payload)
+
+        def read_cmd(addr, count):
+            """Statements starting a :class:`WordReader` transfer of ``count`` words at ``addr``."""
+            return [reader.cmd.valid.eq(1), reader.cmd.payload.addr.eq(port_addr(addr)),
+                    reader.cmd.payload.words.eq(count)]
+
+        def write_cmd(addr, count):
+            """Statements starting a :class:`WordWriter` transfer of ``count`` words at ``addr``."""
+            return [writer.cmd.valid.eq(1), writer.cmd.payload.addr.eq(port_addr(addr)),
+                    writer.cmd.payload.words.eq(count)]
 
         with m.FSM(name="processor"):
             with m.State("FETCH"):
@@ -284,12 +293,8 @@ class CommandProcessor(wiring.Component):
             with m.State("ROUTE_START"):
                 m.d.comb += [
                     self.busy.eq(1),
-                    reader.cmd.valid.eq(1),
-                    reader.cmd.payload.addr.eq(port_addr(words[3])),
-                    reader.cmd.payload.words.eq(tokens * r.experts),
-                    writer.cmd.valid.eq(1),
-                    writer.cmd.payload.addr.eq(port_addr(words[4])),
-                    writer.cmd.payload.words.eq(tokens * route_words(r.k_max)),
+                    *read_cmd(words[3], tokens * r.experts),
+                    *write_cmd(words[4], tokens * route_words(r.k_max)),
                 ]
                 m.next = "ROUTE_RUN"
             with m.State("ROUTE_RUN"):
@@ -319,9 +324,7 @@ class CommandProcessor(wiring.Component):
             with m.State("TABLE_START"):
                 m.d.comb += [
                     self.busy.eq(1),
-                    reader.cmd.valid.eq(1),
-                    reader.cmd.payload.addr.eq(port_addr(words[4])),
-                    reader.cmd.payload.words.eq(tokens),
+                    *read_cmd(words[4], tokens),
                 ]
                 m.d.sync += count.eq(0)  # rows out of range seen
                 m.next = "TABLE"
@@ -359,9 +362,7 @@ class CommandProcessor(wiring.Component):
                     m.d.comb += [
                         engine.run.valid.eq(1),
                         engine.run.payload.eq(tokens),
-                        reader.cmd.valid.eq(1),
-                        reader.cmd.payload.addr.eq(port_addr(words[3])),
-                        reader.cmd.payload.words.eq(tokens * x_words(model.hidden)),
+                        *read_cmd(words[3], tokens * x_words(model.hidden)),
                     ]
                     m.next = "EXPERT"
             with m.State("EXPERT"):
@@ -405,9 +406,7 @@ class CommandProcessor(wiring.Component):
                         m.next = "DONE"
                 with m.Else():
                     m.d.comb += [
-                        writer.cmd.valid.eq(1),
-                        writer.cmd.payload.addr.eq(port_addr(words[1])),
-                        writer.cmd.payload.words.eq(words[2] * model.hidden),
+                        *write_cmd(words[1], words[2] * model.hidden),
                     ]
                     m.next = "STORE"
             with m.State("STORE"):
@@ -483,8 +482,7 @@ class Accelerator(wiring.Component):
             m.submodules.memory = memory = BlockRAMMemory.from_config(config)
         else:
             m.submodules.memory = memory = SimulatedMemory.from_config(config, external=self.memory == "harness")
-        addr_width = word_addr_width(mem.size_bytes, mem.port_width)
-        m.submodules.reads = reads = BurstArbiter(clients=2, addr_width=addr_width, data_width=mem.port_width,
+        m.submodules.reads = reads = BurstArbiter(clients=2, addr_width=memory.addr_width, data_width=mem.port_width,
                                                   burst_len=mem.burst_len, outstanding=mem.outstanding)
 
         connect(m, flipped(self.rx), link.rx)

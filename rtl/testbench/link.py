@@ -51,10 +51,11 @@ def harness_params(config, *, seed=1, faults=100, patterns=((0.0, 0.0),), **over
     and a short idle timeout; ``overrides`` replace any of them."""
     c = load_config(config)
     params = {"config": config, "max_payload": c.link.max_payload, "idle_timeout": 64,
-              "mem_bytes": 4 * c.link.max_payload, "port_width": c.memory.port_width,
+              "port_width": c.memory.port_width,
               "burst_len": c.memory.burst_len, "queue_words": 16, "latency": c.memory.latency, "jitter": 3,
               "memory_seed": 1, "seed": seed, "faults": faults, "patterns": [list(p) for p in patterns]}
     params.update(overrides)
+    params.setdefault("mem_bytes", 4 * params["max_payload"])
     return params
 
 
