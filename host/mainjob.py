@@ -10,13 +10,17 @@ Steps, each shown as it runs:
 4. the same split computed on the host with golden's integer experts (the int8 reference)
    and with every expert int8 on the host;
 5. perplexity and greedy generation, offloaded and reference;
-6. the report: placement, hit rate, device cycles, link bytes, modeled time per token at
+6. block mode (``--block``, on by default when every expert fits in device memory): the
+   whole routed MoE block on the device, router included; perplexity against golden's
+   block on the host, and how often the device's routing differed from the model's;
+7. the report: placement, hit rate, device cycles, link bytes, modeled time per token at
    the board clock over UART and PCIe, perplexities, and whether the offloaded text is
    identical to the reference's.
 
 Everything is computed, nothing is assumed: the report's figures come from this run.
 """
 
+import argparse
 import json
 import sys
 import time
@@ -34,6 +38,8 @@ def add_arguments(parser):
     parser.add_argument("--generate", type=int, default=48, help="bytes to generate (default: 48)")
     parser.add_argument("--checkpoint", help="a MixtralForCausalLM checkpoint folder of the demo's shapes "
                         "(default: the shipped demo model)")
+    parser.add_argument("--block", action=argparse.BooleanOptionalAction, default=True,
+                        help="also run the whole MoE block, router included, on the device (default: on)")
     parser.add_argument("--plot", help="write the placement and hit-rate plot to this PNG file")
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
 
@@ -49,7 +55,6 @@ class _Progress:
 
 def run(args):
     import torch
-    from transformers.utils import logging as hf_logging
 
     from ..config import load_config
     from ..errors import UserError
@@ -68,7 +73,6 @@ def run(args):
     step = _Progress()
     step(f"config {config.name} (device hash 0x{config.device_hash:08x}): building the simulated device")
     binary = build(config, progress=step)
-    hf_logging.disable_progress_bar()  # our own progress lines say what runs
     # one torch thread: the harness clocks on the other core, and two threads waiting on each
     # other under load ran the host side several times slower (host/demo/train.py measured it)
     torch.set_num_threads(1)
@@ -108,6 +112,7 @@ def run(args):
         text_offloaded = generate(model, args.prompt, args.generate)
         counters = device.counters()
         handle.remove()
+        block = _block(args, model, device, step, quantized, calibration, heldout, measure) if args.block else None
         summary = harness.stop()
     telemetry = handle.telemetry
     tokens = tokens_ppl + args.generate
@@ -122,12 +127,14 @@ def run(args):
         "offloaded_equals_reference": text_offloaded == text_reference and ppl_offloaded == ppl_reference,
         "text_offloaded": text_offloaded,
         "text_reference": text_reference,
+        "block": block,
         "hit_rate": telemetry.hit_rate(),
         "device_cycles": counters["BUSY_CYCLES"],
         "engine_busy_cycles": counters["ENGINE_BUSY"],
         "link_frames": counters["LINK_FRAMES"],
         "harness_cycles_per_s": summary.cycles_per_s if summary else None,
-        "modeled": {name: telemetry.summary(link, clock_mhz=config.target.clock_mhz, tokens=tokens)
+        "modeled": {name: telemetry.summary(link, clock_mhz=config.target.clock_mhz, tokens=tokens,
+                                                    host_cost=handle.host_cost)
                     for name, link in LINKS.items()},
     }
     if args.plot:
@@ -138,7 +145,30 @@ def run(args):
         print(json.dumps(report))
     else:
         print(_format(report, handle.report()))
-    return 0 if report["offloaded_equals_reference"] else 1
+    same = report["offloaded_equals_reference"] and (block is None or block["equals_reference"])
+    return 0 if same else 1
+
+
+def _block(args, model, device, step, quantized, calibration, heldout, measure):
+    """Block mode on the same device: every expert and the router there; perplexity against
+    golden's block on the host."""
+    from .demo.model import perplexity
+    from .offload import offload
+
+    step("block mode reference: the whole MoE block with golden on the host")
+    reference = offload(model, None, block=True, calibration=calibration, config=device.config, quantized=quantized)
+    ppl_reference = perplexity(model, heldout, **measure)
+    reference.remove()
+    device.reset()
+    step("block mode: uploading every expert; router and experts on the simulated device")
+    handle = offload(model, device, block=True, calibration=calibration, quantized=quantized)
+    ppl = perplexity(model, heldout, **measure)
+    handle.remove()
+    t = handle.telemetry
+    return {"perplexity": ppl, "perplexity_reference": ppl_reference, "equals_reference": ppl == ppl_reference,
+            "experts_on_device": len(device.experts), "routed_tokens": sum(t.routed_tokens),
+            "routing_agreement": t.routing_agreement(), "device_cycles": t.totals().device_cycles,
+            "rows_per_batch": handle.block_rows}
 
 
 def _format(report, table):
@@ -159,5 +189,11 @@ def _format(report, table):
     for name, m in report["modeled"].items():
         lines.append(f"modeled at the board clock over {name}: {1e3 * m['modeled_s_per_token']:.3f} ms per token "
                      f"({m['link_bytes_device']} link bytes, {m['weight_bytes_moved']} weight bytes moved)")
+    b = report["block"]
+    if b is not None:
+        lines.append(f"block mode (router and all {b['experts_on_device']} experts on the device): perplexity "
+                     f"{b['perplexity']:.3f}, identical to golden's block: {b['equals_reference']}; device routing "
+                     f"= model routing on {b['routing_agreement']:.4f} of {b['routed_tokens']} token-layers; "
+                     f"{b['device_cycles']} device cycles")
     lines += ["", f"generated (offloaded): {report['text_offloaded']!r}"]
     return "\n".join(lines)

@@ -20,29 +20,41 @@ written as an expert image and uploaded. The accumulator adds ``weight * y`` per
 host folds each expert's output scale ``s_e`` into the weight (``round(w * s_e / s * 2**15)``,
 ``s`` the layer's largest) and scales the sum by ``s / 2**15``.
 
+With ``block=True`` the whole routed MoE block runs on the device, for models whose experts
+all fit in its memory: the host computes the router's logits (``E x H`` MACs per token, a
+few percent of one expert's), quantizes them to the router's fixed-point format and the
+device's router chooses the experts and their weights (``Device.route``, each layer's ``K``
+register set to the model's top-k); every chosen expert then runs on the device with its
+tokens, accumulated there. The model's own choice is only compared: the telemetry counts
+the tokens whose expert set the device chose differently (fixed-point logits can break
+near-ties the other way). Shared experts stay on the host.
+
 A device call that fails (timeout, link or device error) is computed on the host with
-golden's integer expert instead, bit-identical to what the device returns, with one
-warning and a count in the telemetry: the model's output does not change.
+golden's integer expert (and golden's router) instead, bit-identical to what the device
+returns, with one warning and a count in the telemetry: the model's output does not change.
 """
 
 import time
 import warnings
 import weakref
+from typing import NamedTuple
 
 import torch
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from ..errors import UserError
-from ..golden.device import WEIGHT_ONE, wrap_int32
+from ..golden.device import ALIGN, WEIGHT_ONE, wrap_int32, x_words
 from ..golden.expert import ExpertWeights, expert_int, prune_expert, quantize_activations, quantize_expert
+from ..golden.formats import align_up
 from ..golden.image import write_image
+from ..golden.router import quantize_logits, route
 from .device import DeviceError
 from .link import LinkError, LinkTimeout
 from .policies import make_policy
 from .telemetry import Telemetry
 
-__all__ = ["IMPLEMENTATION", "SUPPORTED_FAMILIES", "Offload", "OffloadedLayer", "Profiler", "experts_modules",
-           "offload"]
+__all__ = ["BLOCK_FAMILIES", "IMPLEMENTATION", "SUPPORTED_FAMILIES", "HostCost", "Offload", "OffloadedLayer",
+           "Profiler", "experts_modules", "float_expert", "offload"]
 
 #: The name moegen registers in transformers' ExpertsInterface.
 IMPLEMENTATION = "moegen"
@@ -51,6 +63,10 @@ IMPLEMENTATION = "moegen"
 SUPPORTED_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")
 #: Calibration rows kept per expert.
 CALIBRATION_ROWS = 256
+#: Families whose routing the device's router computes, for block mode (Mixtral renormalizes
+#: over the chosen experts; Qwen2-MoE, Qwen3-MoE and OLMoE do when ``norm_topk_prob``).
+#: DeepSeek-V3's group-limited routing stays on the host.
+BLOCK_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 
 _LAYERS = weakref.WeakKeyDictionary()  # experts module -> OffloadedLayer
 
@@ -100,6 +116,12 @@ def expert_weights(module, e):
     return ExpertWeights(gate, up, module.down_proj[e].detach().float().cpu())
 
 
+def float_expert(module, e, x):
+    """Expert ``e`` of a fused experts module on ``x [T, hidden]``, as the model computes it."""
+    gate, up = torch.nn.functional.linear(x, module.gate_up_proj[e]).chunk(2, dim=-1)
+    return torch.nn.functional.linear(module.act_fn(gate) * up, module.down_proj[e])
+
+
 class Profiler:
     """Records each expert's inputs and selection counts during a calibration pass."""
 
@@ -107,6 +129,7 @@ class Profiler:
         self.limit = rows
         self.inputs = {id(m): {} for m in modules}
         self.counts = {id(m): torch.zeros(m.gate_up_proj.shape[0], dtype=torch.int64) for m in modules}
+        self.layer_inputs = {id(m): [] for m in modules}  # every token, the same rows in each layer
 
     def rows(self, module, expert):
         """The recorded inputs of ``expert`` of ``module``: ``[N, hidden]``, ``N`` up to the
@@ -133,6 +156,7 @@ class Profiler:
 
     def __call__(self, module, hidden_states, top_k_index, top_k_weights):
         inputs, counts = self.inputs[id(module)], self.counts[id(module)]
+        self.layer_inputs[id(module)].append(hidden_states.detach().float().cpu())
         for e in top_k_index.unique().tolist():
             if e >= len(counts):
                 continue
@@ -151,6 +175,8 @@ class OffloadedLayer:
     def __init__(self, index, module, quantized, handles, offload):
         self.index = index
         self.module = module
+        self.router = offload.routers[index]
+        self.k = self.router.top_k
         self.quantized = quantized  # expert -> QuantizedExpert
         self.handles = handles  # expert -> ExpertHandle
         self.offload = offload
@@ -160,11 +186,12 @@ class OffloadedLayer:
         self.experts = module.gate_up_proj.shape[0]
 
     def host_expert(self, e, x):
-        gate, up = torch.nn.functional.linear(x, self.module.gate_up_proj[e]).chunk(2, dim=-1)
-        return torch.nn.functional.linear(self.module.act_fn(gate) * up, self.module.down_proj[e])
+        return float_expert(self.module, e, x)
 
     def __call__(self, hidden_states, top_k_index, top_k_weights):
         off = self.offload
+        if off.block:
+            return self._block(hidden_states, top_k_index).to(hidden_states.device, hidden_states.dtype)
         out = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
         chosen = [e for e in top_k_index.unique().tolist() if e < self.experts]
         placement = off.policy.place(self.index, chosen, hidden_states)
@@ -186,27 +213,67 @@ class OffloadedLayer:
 
     def _device_experts(self, hidden_states, calls):
         """Cold experts on the device, ``max_tokens`` rows at a time; returns ``[T, H]``."""
-        off = self.offload
-        rows_max = off.config.model.max_tokens
+        rows_max = self.offload.config.model.max_tokens
         x = hidden_states.detach().float().cpu()
         total = torch.zeros(x.shape, dtype=torch.float64)
         for start in range(0, len(x), rows_max):
             stop = min(start + rows_max, len(x))
-            # per-token quantization: each row once, whichever experts chose it
-            x_q, mult, shift, _ = quantize_activations(x[start:stop], off.config.array.act_width)
-            batch = []
+            chunk = []
             for e, tokens, weights in calls:
                 inside = (tokens >= start) & (tokens < stop)
-                if not inside.any():
-                    continue
-                rows = tokens[inside] - start
-                wq = torch.clamp(torch.round(weights[inside] * self.scale_ratio[e] * WEIGHT_ONE), 0,
-                                 WEIGHT_ONE).to(torch.int64)
-                batch.append((e, x_q[rows], mult[rows], shift[rows], rows, wq))
-            if batch:
-                acc = self._run(batch, stop - start)
-                total[start:stop] += acc.double() * (self.out_scale / WEIGHT_ONE)
+                if inside.any():
+                    chunk.append((e, tokens[inside] - start, weights[inside]))
+            if chunk:
+                total[start:stop] = self._device_rows(x[start:stop], chunk)
         return total.float()
+
+    def _device_rows(self, x, calls):
+        """One device batch: rows ``x [R, H]`` (``R <= max_tokens``) and ``calls`` ``(expert,
+        rows, float weights)``; returns the weighted sum ``[R, H]`` (float64)."""
+        # per-token quantization: each row once, whichever experts chose it
+        x_q, mult, shift, _ = quantize_activations(x, self.offload.config.array.act_width)
+        batch = []
+        for e, rows, weights in calls:
+            wq = torch.clamp(torch.round(weights * self.scale_ratio[e] * WEIGHT_ONE), 0, WEIGHT_ONE).to(torch.int64)
+            batch.append((e, x_q[rows], mult[rows], shift[rows], rows, wq))
+        return self._run(batch, len(x)).double() * (self.out_scale / WEIGHT_ONE)
+
+    def _block(self, hidden_states, model_choice):
+        """The routed block on the device: route the quantized logits there, then run every
+        chosen expert; returns ``[T, H]``. Counts the tokens where the device chose other
+        experts than the model (``model_choice``)."""
+        off = self.offload
+        r = off.config.router
+        x = hidden_states.detach().float().cpu()
+        logits = quantize_logits(torch.nn.functional.linear(x, self.router.weight.detach().float().cpu()),
+                                 width=r.logit_width, frac=r.logit_frac)
+        total = torch.zeros(x.shape, dtype=torch.float64)
+        model_sets = model_choice.cpu().sort(-1).values
+        for start in range(0, len(x), off.block_rows):
+            stop = min(start + off.block_rows, len(x))
+            routing = self._route(logits[start:stop])
+            chosen = routing.indices[:, :self.k]
+            off.telemetry.routed(self.index, stop - start,
+                                 int((chosen.sort(-1).values != model_sets[start:stop]).any(-1).sum()))
+            experts = chosen[chosen >= 0].unique().tolist()
+            off.policy.place(self.index, experts, None)  # all resident on the device: counts the hits
+            calls = []
+            for e in experts:
+                rows, slot = torch.where(chosen == e)
+                calls.append((e, rows, routing.weights[rows, slot].double() / (1 << (r.weight_width - 1))))
+            total[start:stop] = self._device_rows(x[start:stop], calls)
+        return total.float()
+
+    def _route(self, logits):
+        """Device routing of fixed-point logits; golden's router when the device fails."""
+        off = self.offload
+        if off.device is not None:
+            try:
+                return off.device.route(logits, layer=self.index)
+            except (DeviceError, LinkError, LinkTimeout, OSError) as error:
+                off.warn_fallback(error)
+        r = off.config.router
+        return route(logits, k=self.k, mode=r.mode, logit_frac=r.logit_frac, weight_width=r.weight_width)
 
     def _run(self, batch, rows):
         """One device batch; the golden reference when there is no device or it fails."""
@@ -252,21 +319,33 @@ class Offload:
     -------
     layers : list of OffloadedLayer
     policy : Policy
+    block : bool
+        Whether the whole routed block runs on the device (router included).
     telemetry : Telemetry
     frequency : list of tensor
         Per layer, how often the calibration pass chose each expert.
+    calibration : list of tensor
+        Per layer, the experts' inputs ``[N, hidden]`` of the calibration pass (row ``i`` is
+        the same token in every layer).
+    host_cost : HostCost
+        The host's measured time for one expert call (for modeled times and ``cost``).
     """
 
-    def __init__(self, model, device, config, frequency):
+    def __init__(self, model, device, config, frequency, *, block=False):
         self.model = model
         self.device = device
         self.config = config
+        self.block = block
+        #: Rows per device batch in block mode (what the memory above the images holds).
+        self.block_rows = config.model.max_tokens
         self.policy = None
         self.frequency = frequency
         self.layers = []
         self.telemetry = Telemetry(len(frequency), len(frequency[0]))
         self.warned = False
         self.routers = []
+        self.calibration = []
+        self.host_cost = None
         self.previous = model.config._experts_implementation
 
     @property
@@ -303,6 +382,35 @@ class Offload:
         self.model.set_experts_implementation(self.previous)
 
 
+class HostCost(NamedTuple):
+    """The host's time for one float expert call: ``call_s + tokens * token_s``."""
+
+    call_s: float
+    token_s: float
+
+    def seconds(self, calls, tokens):
+        return calls * self.call_s + tokens * self.token_s
+
+    @classmethod
+    def measure(cls, module, tokens_max, repeats=20):
+        """Time expert 0 of ``module`` on 1 and ``tokens_max`` tokens (the fastest of
+        ``repeats`` runs each, the usual defence against a busy machine's outliers)."""
+        def fastest(tokens):
+            x = torch.randn(tokens, module.gate_up_proj.shape[2], generator=torch.Generator().manual_seed(0))
+            x = x.to(module.gate_up_proj.device, module.gate_up_proj.dtype)
+            best = float("inf")
+            with torch.no_grad():
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    float_expert(module, 0, x).sum().item()
+                    best = min(best, time.perf_counter() - start)
+            return best
+
+        one, many = fastest(1), fastest(max(2, tokens_max))
+        token_s = max(0.0, (many - one) / (max(2, tokens_max) - 1))
+        return cls(max(0.0, one - token_s), token_s)
+
+
 def _quantize(module, profiler, config):
     """Every expert of ``module`` pruned to the config's M:N and quantized, calibrated on its
     profiled inputs (an expert the pass never chose: 16 seeded Gaussian rows)."""
@@ -326,7 +434,45 @@ def _router_of(model, experts):
     raise UserError(f"{type(model).__name__}: no router next to an experts module")
 
 
-def offload(model, device, *, policy="static", hot=None, calibration=None, quantized=None, **policy_options):
+def _block_rows(config, layers, experts, k):
+    """Rows per device batch when all ``layers x experts`` images are on the device: the
+    most (up to ``max_tokens``) whose buffers fit above them; a clear error when none do."""
+    model = config.model
+    images = layers * experts * align_up(config.image_layout.nbytes, ALIGN)
+    free = config.memory.size_bytes - images
+
+    def buffers(rows):  # activations and tables of up to k experts per row, the accumulator
+        per_expert = align_up(4 * rows * x_words(model.hidden), ALIGN) + align_up(4 * rows, ALIGN)
+        return min(experts, k * rows) * per_expert + align_up(4 * rows * model.hidden, ALIGN)
+
+    fits = [rows for rows in range(1, model.max_tokens + 1) if buffers(rows) <= free]
+    if not fits:
+        raise UserError(f"block mode needs all {layers} x {experts} expert images on the device ({images} bytes) "
+                        f"plus {buffers(1)} bytes of buffers; config {config.name!r} has memory.size_bytes "
+                        f"{config.memory.size_bytes}: use a larger memory or offload without block=True")
+    return fits[-1]
+
+
+def _block_mode(model, router, config):
+    """The router mode a family's block needs; an error when the device's differs."""
+    family = model.config.model_type
+    if family not in BLOCK_FAMILIES:
+        raise UserError(f"block mode supports {', '.join(BLOCK_FAMILIES)}; model type {family!r} routes on the host")
+    renorm = family == "mixtral" or getattr(router, "norm_topk_prob", False)
+    mode = "softmax_topk_renorm" if renorm else "softmax_topk"
+    if config.router.mode != mode:
+        raise UserError(f"this {family} model routes with {mode}; device config {config.name!r} has router.mode "
+                        f"{config.router.mode}")
+    if router.top_k > config.router.k_max:
+        raise UserError(f"the model chooses {router.top_k} experts per token; device config {config.name!r} has "
+                        f"router.k_max {config.router.k_max}")
+    if router.weight.shape[0] != config.router.experts:
+        raise UserError(f"the model has {router.weight.shape[0]} experts per layer; device config {config.name!r} "
+                        f"has router.experts {config.router.experts}")
+
+
+def offload(model, device, *, policy=None, hot=None, calibration=None, quantized=None, block=False,
+            **policy_options):
     """Put ``model``'s cold experts on ``device``; returns an :class:`Offload` handle.
 
     Parameters
@@ -338,7 +484,7 @@ def offload(model, device, *, policy="static", hot=None, calibration=None, quant
         A connected device (``open_device``); ``None`` computes device calls with golden on
         the host (the int8 reference).
     policy : str
-        A placement policy name (:data:`moegen.host.policies.POLICIES`).
+        A placement policy name (:data:`moegen.host.policies.POLICIES`); default ``static``.
     hot : int
         Experts per layer the host keeps (its expert cache or static hot set); default
         a quarter of the experts.
@@ -347,6 +493,9 @@ def offload(model, device, *, policy="static", hot=None, calibration=None, quant
     quantized : list of dict or None
         Per layer, ``expert -> QuantizedExpert`` to use instead of converting the model's
         experts again (for instance ``[layer.quantized for layer in other.layers]``).
+    block : bool
+        Run the whole routed block on the device, router included (:data:`BLOCK_FAMILIES`;
+        every expert image must fit in device memory); takes no ``policy`` or ``hot``.
     policy_options
         Passed to the policy (``link`` for ``cost``); ``config`` (an AccelConfig) when
         ``device`` is None.
@@ -356,6 +505,15 @@ def offload(model, device, *, policy="static", hot=None, calibration=None, quant
     if calibration is None:
         raise UserError("offload needs calibration token ids (a [batch, seq] tensor) for its profiling pass")
     experts = modules[0].gate_up_proj.shape[0]
+    routers = [_router_of(model, module) for module in modules]
+    if block:
+        if policy is not None or hot is not None:
+            raise UserError("block=True runs every expert on the device: give no policy or hot")
+        for router in routers:
+            _block_mode(model, router, config)
+        block_rows = _block_rows(config, len(modules), experts, routers[0].top_k)
+        policy, hot = "static", 0
+    policy = "static" if policy is None else policy
     hot = max(1, experts // 4) if hot is None else hot
     if not 0 <= hot <= experts:
         raise UserError(f"hot must lie in 0..{experts} (experts per layer), not {hot}")
@@ -363,8 +521,12 @@ def offload(model, device, *, policy="static", hot=None, calibration=None, quant
     if quantized is not None and len(quantized) != len(modules):
         raise UserError(f"quantized has {len(quantized)} layers; the model has {len(modules)} MoE layers")
     profiler = Profiler.run(model, modules, calibration)
-    handle = Offload(model, device, config, [profiler.counts[id(m)] for m in modules])
-    handle.routers = [_router_of(model, module) for module in modules]
+    handle = Offload(model, device, config, [profiler.counts[id(m)] for m in modules], block=block)
+    handle.routers = routers
+    handle.calibration = [torch.cat(profiler.layer_inputs[id(m)]) for m in modules]
+    handle.host_cost = HostCost.measure(modules[0], config.model.max_tokens)
+    if block:
+        handle.block_rows = block_rows
     handle.policy = make_policy(policy, handle, hot=hot, **policy_options)
     for index, module in enumerate(modules):
         experts_q = quantized[index] if quantized is not None else _quantize(module, profiler, config)
@@ -373,9 +535,10 @@ def offload(model, device, *, policy="static", hot=None, calibration=None, quant
             if device is not None and handle.policy.uses_device(index, e):
                 image = write_image(experts_q[e], config_hash=config.device_hash, expert_id=e, layer=index)
                 handles[e] = device.upload_expert(image, expert=e)
+        if block and device is not None:
+            device.set_k(index, routers[index].top_k)
         handle.layers.append(OffloadedLayer(index, module, experts_q, handles, handle))
     for layer in handle.layers:
         _LAYERS[layer.module] = layer
     model.set_experts_implementation(IMPLEMENTATION)
     return handle
-

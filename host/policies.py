@@ -10,13 +10,16 @@ The host holds ``hot`` experts per layer. Registered by name in :data:`POLICIES`
   host; a miss moves the expert's weights into the cache (evicting the least recently
   used); nothing runs on the device;
 * ``lfu``: the same cache, evicting the least frequently used;
-* ``prefetch``: an LRU cache, plus a predictor that applies layer ``l+1``'s router to layer
-  ``l``'s input (as FLAME and ProMoE do) and moves the predicted experts into the cache
-  ahead of time; experts still missing run on the device. ``recall`` reports how many of
-  the experts a layer chose had been predicted;
+* ``prefetch``: an LRU cache, plus a predictor of layer ``l+1``'s router logits from layer
+  ``l``'s input (a linear map fitted by least squares on the profiling pass, as ProMoE
+  learns one, rather than ``l+1``'s router applied to ``l``'s input) that moves the
+  ``width`` (default ``k + 1``) likeliest experts of each token into the cache ahead of
+  time; experts still missing run on the device. ``recall`` reports how many of the experts a layer chose had
+  been predicted;
 * ``cost``: an LRU cache whose misses go wherever is cheaper by the measured costs: the
-  device (cycles at the board clock plus activation bytes over the link) or a move (the
-  weights over the link, then the host's compute).
+  device (its cycles per token so far at the board clock plus activation bytes over the
+  link) or a move (the weights over the link, then the host's compute by its measured
+  :class:`~moegen.host.offload.HostCost`).
 """
 
 from collections import OrderedDict
@@ -130,20 +133,29 @@ class LFU(LRU):
 class Prefetch(LRU):
     name = "prefetch"
 
-    def __init__(self, offload, *, hot):
+    def __init__(self, offload, *, hot, width=None, ridge=1.0):
         super().__init__(offload, hot=hot)
+        k = offload.model.config.num_experts_per_tok
+        experts = len(offload.frequency[0])
+        self.width = k + 1 if width is None else width
+        if not 1 <= self.width <= experts:
+            raise UserError(f"prefetch width must lie in 1..{experts} (experts per layer), not {self.width}")
         self.predicted = [None] * self.layers
         self.recall = [0, 0]  # predicted and chosen, chosen
+        calibration = offload.calibration
+        self.predictors = [None] + [_fit_predictor(calibration[layer], calibration[layer + 1],
+                                                   offload.routers[layer + 1], ridge)
+                                    for layer in range(self.layers - 1)]
 
     def uses_device(self, layer, expert):
         return True
 
     def _predict(self, layer, hidden):
-        """Layer ``layer``'s likely experts from ``hidden`` through its router weights."""
-        gate = self.offload.routers[layer]
-        logits = torch.nn.functional.linear(hidden.float(), gate.weight.float())
-        k = self.offload.model.config.num_experts_per_tok
-        return set(torch.topk(logits, k, dim=-1).indices.unique().tolist())
+        """Layer ``layer``'s likely experts: the ``width`` largest predicted logits of each
+        token of the previous layer's input ``hidden``."""
+        weight, bias = self.predictors[layer]
+        logits = hidden.detach().float().cpu() @ weight + bias
+        return set(torch.topk(logits, self.width, dim=-1).indices.unique().tolist())
 
     def place(self, layer, experts, hidden):
         tel = self.offload.telemetry
@@ -172,6 +184,16 @@ class Prefetch(LRU):
         return self.recall[0] / self.recall[1] if self.recall[1] else float("nan")
 
 
+def _fit_predictor(inputs, next_inputs, router, ridge):
+    """Least squares (ridge ``ridge``) from one layer's expert inputs to the next layer's
+    router logits on the calibration pass (ProMoE's learned predictor, linear): ``(weight
+    [H, E], bias [E])``."""
+    x = torch.cat([inputs.double(), torch.ones(len(inputs), 1, dtype=torch.float64)], 1)
+    y = torch.nn.functional.linear(next_inputs.double(), router.weight.detach().double().cpu())
+    solution = torch.linalg.solve(x.T @ x + ridge * torch.eye(x.shape[1], dtype=torch.float64), x.T @ y)
+    return solution[:-1].float(), solution[-1].float()
+
+
 class Cost(LRU):
     name = "cost"
 
@@ -189,7 +211,7 @@ class Cost(LRU):
         config = self.offload.config
         placement = {}
         tokens = hidden.shape[0]
-        host_s = tel.host_seconds_per_token() * tokens
+        host_s = self.offload.host_cost.seconds(1, tokens)
         device_cycles = tel.device_cycles_per_token() * tokens
         for e in experts:
             if e in self.cache[layer]:

@@ -46,6 +46,10 @@ class Telemetry:
         """Zero every counter (for instance after a warm-up)."""
         self.counters = [[ExpertCounters() for _ in range(self.experts)] for _ in range(self.layers)]
         self.sequence = []  # 1 for a hit, 0 for a miss, in order
+        #: Per layer, tokens the device routed and those whose expert set differed from the
+        #: model's own routing (block mode).
+        self.routed_tokens = [0] * self.layers
+        self.routing_differs = [0] * self.layers
 
     def __getitem__(self, index):
         layer, expert = index
@@ -56,6 +60,15 @@ class Telemetry:
         c.hits += resident
         c.misses += not resident
         self.sequence.append(int(resident))
+
+    def routed(self, layer, tokens, differ):
+        self.routed_tokens[layer] += tokens
+        self.routing_differs[layer] += differ
+
+    def routing_agreement(self):
+        """Share of device-routed tokens whose experts equal the model's (nan: none routed)."""
+        tokens = sum(self.routed_tokens)
+        return 1 - sum(self.routing_differs) / tokens if tokens else float("nan")
 
     def prefetch(self, layer, expert, nbytes):
         c = self.counters[layer][expert]
@@ -95,10 +108,6 @@ class Telemetry:
                     setattr(total, f.name, getattr(total, f.name) + getattr(c, f.name))
         return total
 
-    def host_seconds_per_token(self):
-        t = self.totals()
-        return t.host_s / t.host_tokens if t.host_tokens else 1e-4
-
     def device_cycles_per_token(self):
         t = self.totals()
         return t.device_cycles / t.device_tokens if t.device_tokens else 1e4
@@ -106,16 +115,18 @@ class Telemetry:
     def hit_rate(self):
         return float(np.mean(self.sequence)) if self.sequence else float("nan")
 
-    def summary(self, link, *, clock_mhz, tokens):
-        """Totals and the modeled time per token over ``link`` (host compute as measured,
-        moves and device activations over the link, device cycles at ``clock_mhz``)."""
+    def summary(self, link, *, clock_mhz, tokens, host_cost):
+        """Totals and the modeled time per token over ``link``: host compute by ``host_cost``
+        (a :class:`~moegen.host.offload.HostCost`), moves and device activations over the
+        link, device cycles at ``clock_mhz``."""
         t = self.totals()
+        host_s = host_cost.seconds(t.host_calls, t.host_tokens)
         device_calls = t.device_calls
         # on-demand moves stall the step; prefetches overlap with compute
         moved_bytes = t.weight_bytes * t.moves / max(1, t.moves + t.prefetches)
         moved_s = link.seconds(moved_bytes, t.moves)
         device_s = t.device_cycles / (clock_mhz * 1e6) + link.seconds(t.bytes_out + t.bytes_in, 4 * device_calls)
-        total_s = t.host_s + moved_s + device_s
+        total_s = host_s + moved_s + device_s
         return {
             "link": link.name,
             "tokens": tokens,
@@ -128,23 +139,30 @@ class Telemetry:
             "link_bytes_device": t.bytes_out + t.bytes_in,
             "device_cycles": t.device_cycles,
             "fallbacks": t.fallbacks,
-            "host_s": t.host_s,
+            "host_s": host_s,
+            "host_s_measured": t.host_s,
             "modeled_s_per_token": total_s / max(1, tokens),
         }
 
     def report(self):
-        """Per layer: calls, tokens on host and device, hit rate, bytes, cycles, fallbacks."""
+        """Per layer: calls, tokens on host and device, hit rate, bytes, cycles, fallbacks, and
+        (block mode) the tokens the device routed otherwise than the model."""
         head = ("layer", "calls", "host_tok", "dev_tok", "hit_rate", "moves", "prefetch", "weight_MB", "link_kB",
                 "dev_cycles", "fallbacks")
-        rows = [head]
+        routed = any(self.routed_tokens)
+        rows = [head + ("route_diff",) * routed]
         for layer in [*range(self.layers), None]:
             t = self.totals(layer)
             seen = t.hits + t.misses
-            rows.append(("all" if layer is None else str(layer), str(t.calls), str(t.host_tokens),
-                         str(t.device_tokens), f"{t.hits / seen:.3f}" if seen else "-", str(t.moves),
-                         str(t.prefetches), f"{t.weight_bytes / 1e6:.2f}", f"{(t.bytes_out + t.bytes_in) / 1e3:.1f}",
-                         str(t.device_cycles), str(t.fallbacks)))
-        widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+            row = ("all" if layer is None else str(layer), str(t.calls), str(t.host_tokens),
+                   str(t.device_tokens), f"{t.hits / seen:.3f}" if seen else "-", str(t.moves),
+                   str(t.prefetches), f"{t.weight_bytes / 1e6:.2f}", f"{(t.bytes_out + t.bytes_in) / 1e3:.1f}",
+                   str(t.device_cycles), str(t.fallbacks))
+            if routed:
+                layers = range(self.layers) if layer is None else [layer]
+                row += (f"{sum(self.routing_differs[i] for i in layers)}/{sum(self.routed_tokens[i] for i in layers)}",)
+            rows.append(row)
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(r, widths, strict=True)) for r in rows)
 
     def plot(self, path):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from transformers import GenerationConfig, MixtralConfig, MixtralForCausalLM
+from transformers.utils import logging as hf_logging
 
 __all__ = [
     "CONTEXT", "VOCAB_SIZE", "calibration_ids", "checkpoint_dir", "decode", "demo_config", "encode", "expert_usage",
@@ -70,8 +71,14 @@ def checkpoint_dir():
 
 def load_demo(path=None):
     """The trained demo model from ``path`` (default: the shipped checkpoint), float32, in eval mode."""
-    with resources.as_file(checkpoint_dir() if path is None else Path(path)) as folder:
-        model = MixtralForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a bar for a few MiB read from disk is only noise
+    try:
+        with resources.as_file(checkpoint_dir() if path is None else Path(path)) as folder:
+            model = MixtralForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
     return model.eval()
 
 

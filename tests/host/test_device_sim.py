@@ -109,3 +109,31 @@ def test_the_serial_transport_over_a_pty_bridged_to_the_harness(tiny_harness):
         sock.close()
         os.close(master)
         os.close(slave)
+
+
+def test_block_mode_on_the_harness_equals_golden_block(tiny_harness):
+    import torch
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from moegen.host.offload import offload
+
+    config, harness = tiny_harness
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(MixtralConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                             num_attention_heads=2, num_key_value_heads=1, vocab_size=64,
+                                             num_local_experts=4, num_experts_per_tok=2)).eval()
+    ids = torch.randint(0, 64, (1, 10), generator=torch.Generator().manual_seed(1))
+    calibration = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(2))
+    golden = offload(model, None, block=True, calibration=calibration, config=config)
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    golden.remove()
+    with open_device(config, "sim", address=harness.socket) as device:
+        device.reset()
+        handle = offload(model, device, block=True, calibration=calibration)
+        with torch.no_grad():
+            got = model(input_ids=ids).logits
+        handle.remove()
+        assert device.counters()["ROUTED_TOKENS"] == 2 * 10  # every token of both layers routed there
+    assert torch.equal(got, expected)
+    assert handle.telemetry.totals().fallbacks == 0 and sum(handle.telemetry.routed_tokens) == 20

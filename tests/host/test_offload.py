@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 from transformers import (
@@ -152,3 +154,81 @@ def test_bad_models_and_configs_are_named():
     gpt2.config = type("C", (), {"model_type": "gpt2"})()
     with open_device(config, "model") as device, pytest.raises(UserError, match="'gpt2' is not supported; supported"):
         offload(gpt2, device, calibration=_ids(1))
+
+
+def _routed_like(config, model):
+    """``config`` with the router mode the model's block needs (the Qwen families and OLMoE
+    renormalize over the chosen experts only with ``norm_topk_prob``)."""
+    renorm = model.config.model_type == "mixtral" or model.config.norm_topk_prob
+    mode = "softmax_topk_renorm" if renorm else "softmax_topk"
+    return dataclasses.replace(config, router=dataclasses.replace(config.router, mode=mode))
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
+def test_block_mode_routes_on_the_device_and_equals_the_host_int8_reference(family):
+    model = _family(family).eval()
+    config = _routed_like(load_config("tiny"), model)
+    ids = _ids(5, 2)
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits
+    golden = offload(model, None, block=True, calibration=_ids(2, 2), config=config)
+    with torch.no_grad():
+        host_int8 = model(input_ids=ids).logits
+    golden.remove()
+    with open_device(config, "model") as device:
+        handle = offload(model, device, block=True, calibration=_ids(2, 2))
+        assert [device.read_reg("K", layer) for layer in range(2)] == [2, 2]
+        with torch.no_grad():
+            offloaded = model(input_ids=ids).logits
+        handle.remove()
+    assert torch.equal(offloaded, host_int8)
+    t = handle.telemetry
+    totals = t.totals()
+    # every chosen expert ran on the device; 2 layers x 24 tokens x k = 2
+    assert totals.host_tokens == 0 and totals.fallbacks == 0 and totals.device_tokens == 2 * 24 * 2
+    assert t.routed_tokens == [24, 24]
+    # 8-fraction-bit logits can only flip near-ties: the device chose the model's experts
+    assert t.routing_agreement() >= 0.9
+    assert "route_diff" in handle.report().splitlines()[0]
+    cos = torch.nn.functional.cosine_similarity(offloaded.flatten(), reference.flatten(), dim=0)
+    assert cos > 0.9
+
+
+def test_block_mode_refuses_what_it_cannot_run():
+    config = load_config("tiny")
+    with open_device(config, "model") as device:
+        with pytest.raises(UserError, match="give no policy or hot"):
+            offload(_family("mixtral"), device, block=True, policy="lru", calibration=_ids(1))
+        with pytest.raises(UserError, match="model type 'deepseek_v3' routes on the host"):
+            offload(_family("deepseek_v3"), device, block=True, calibration=_ids(1))
+        with pytest.raises(UserError, match="routes with softmax_topk; device config 'tiny' has router.mode "
+                                            "softmax_topk_renorm"):
+            offload(_family("olmoe"), device, block=True, calibration=_ids(1))
+    small = dataclasses.replace(config, memory=dataclasses.replace(config.memory, size_bytes=16384))
+    with open_device(small, "model") as device, pytest.raises(UserError, match="memory.size_bytes 16384"):
+        offload(_family("mixtral"), device, block=True, calibration=_ids(1))
+
+
+def test_the_prefetch_predictor_is_the_least_squares_map_to_the_next_router():
+    from moegen.host.policies import _fit_predictor
+
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(200, 16, generator=generator)
+    mix = torch.randn(16, 16, generator=generator)
+    router = torch.nn.Linear(16, 4, bias=False)
+    weight, bias = _fit_predictor(inputs, inputs @ mix + 0.5, router, ridge=1e-9)
+    expected = router(inputs @ mix + 0.5)
+    assert torch.allclose(inputs @ weight + bias, expected, atol=1e-3)
+
+
+def test_prefetch_width_bounds_its_recall():
+    config = load_config("tiny")
+    model = _family("mixtral").eval()
+    with open_device(config, "model") as device:
+        with pytest.raises(UserError, match=r"prefetch width must lie in 1\.\.4"):
+            offload(model, device, policy="prefetch", hot=1, calibration=_ids(2, 2), width=5)
+        handle = offload(model, device, policy="prefetch", hot=1, calibration=_ids(2, 2), width=4)
+        with torch.no_grad():
+            model(input_ids=_ids(4))
+        assert handle.policy.recall_rate == 1.0  # every expert predicted: nothing can be missed
+        handle.remove()
