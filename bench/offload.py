@@ -10,8 +10,9 @@ the link (an expert's int8 image, smaller than the float weights the baseline re
 this favours ``lru``) + device cycles (counted by the harness) at the board clock +
 activation bytes over the link (serialized: no overlap is assumed, which favours nothing).
 ``lru`` is the mixtral-offloading baseline (weights move into a host cache; no device);
-``cost`` chooses by the PCIe costs and ``cost-uart`` by the UART's; ``block`` runs the whole
-MoE block, router included, on the device (every expert there).
+``cost`` and ``prefetch`` send misses where the PCIe costs say, ``cost-uart`` and
+``prefetch-uart`` where the UART's do; ``block`` runs the whole MoE block, router included,
+on the device (every expert there).
 
 JSON: ``speedup_vs_lru`` (lru's time over the best other policy's, PCIe) and
 ``speedup_vs_lru_uart``, ``prefetch_recall``, ``hit_rate_lru``, ``hit_rate_best`` (the best
@@ -51,8 +52,9 @@ def run(args):
     calibration = calibration_ids()
     rows, quantized, host_cost = {}, None, None
     runs = [(name, {"policy": name, "hot": args.hot}) for name in POLICIES]
-    # cost decides by one link's costs: PCIe by default, and once more for the UART
-    runs += [("cost-uart", {"policy": "cost", "hot": args.hot, "link": "uart-3m"}), ("block", {"block": True})]
+    # cost and prefetch decide misses by one link's costs: PCIe by default, and once more the UART's
+    runs += [(f"{name}-uart", {"policy": name, "hot": args.hot, "link": "uart-3m"}) for name in ("prefetch", "cost")]
+    runs += [("block", {"block": True})]
     with launch(build(config)) as harness, open_device(config, "sim", address=harness.socket) as device:
         for name, how in runs:
             _progress(f"{name}: offloading, then decoding {args.tokens} bytes")
@@ -70,7 +72,7 @@ def run(args):
                 row["weight_MB_moved"] = s["weight_bytes_moved"] / 1e6
                 row["device_link_kB"] = s["link_bytes_device"] / 1e3
                 row["device_calls"] = s["device_calls"]
-            if name == "prefetch":
+            if name.startswith("prefetch"):
                 row["recall"] = handle.policy.recall_rate
             if name == "block":
                 row["routing_agreement"] = handle.telemetry.routing_agreement()

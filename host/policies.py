@@ -14,8 +14,8 @@ The host holds ``hot`` experts per layer. Registered by name in :data:`POLICIES`
   ``l``'s input (a linear map fitted by least squares on the profiling pass, as ProMoE
   learns one, rather than ``l+1``'s router applied to ``l``'s input) that moves the
   ``width`` (default ``k + 1``) likeliest experts of each token into the cache ahead of
-  time; experts still missing run on the device. ``recall`` reports how many of the experts a layer chose had
-  been predicted;
+  time; experts still missing go wherever ``cost``'s rule finds cheaper (for its
+  ``link``). ``recall`` reports how many of the experts a layer chose had been predicted;
 * ``cost``: an LRU cache whose misses go wherever is cheaper by the measured costs: the
   device (its cycles per token so far at the board clock plus activation bytes over the
   link) or a move (the weights over the link, then the host's compute by its measured
@@ -130,11 +130,50 @@ class LFU(LRU):
         return min(enumerate(self.cache[layer]), key=lambda pair: (uses[pair[1]], pair[0]))[1]
 
 
-class Prefetch(LRU):
+class Cost(LRU):
+    name = "cost"
+
+    def __init__(self, offload, *, hot, link="pcie-gen3-x4"):
+        super().__init__(offload, hot=hot)
+        if link not in LINKS:
+            raise UserError(f"unknown link {link!r}; known links: {', '.join(LINKS)}")
+        self.link = LINKS[link]
+
+    def uses_device(self, layer, expert):
+        return True
+
+    def _miss(self, layer, e, tokens):
+        """Where a missing expert runs: ``move`` (admitted to the cache) or ``device``,
+        whichever the link, the host's compute and the device's cycles so far make cheaper."""
+        config = self.offload.config
+        move_s = self.link.seconds(self.offload.expert_bytes) + self.offload.host_cost.seconds(1, tokens)
+        act_bytes = tokens * (4 + config.model.hidden) + tokens * 4 * config.model.hidden
+        device_s = self.offload.telemetry.device_cycles_per_token() * tokens / (config.target.clock_mhz * 1e6) \
+            + self.link.seconds(act_bytes, requests=4)
+        if move_s < device_s:
+            self._admit(layer, e)
+            return "move"
+        return "device"
+
+    def place(self, layer, experts, hidden):
+        tel = self.offload.telemetry
+        placement = {}
+        for e in experts:
+            resident = e in self.cache[layer]
+            tel.hit(layer, e, resident)
+            if resident:
+                self._admit(layer, e)
+                placement[e] = "host"
+            else:
+                placement[e] = self._miss(layer, e, hidden.shape[0])
+        return placement
+
+
+class Prefetch(Cost):
     name = "prefetch"
 
-    def __init__(self, offload, *, hot, width=None, ridge=1.0):
-        super().__init__(offload, hot=hot)
+    def __init__(self, offload, *, hot, width=None, ridge=1.0, link="pcie-gen3-x4"):
+        super().__init__(offload, hot=hot, link=link)
         k = offload.model.config.num_experts_per_tok
         experts = len(offload.frequency[0])
         self.width = k + 1 if width is None else width
@@ -147,15 +186,17 @@ class Prefetch(LRU):
                                                    offload.routers[layer + 1], ridge)
                                     for layer in range(self.layers - 1)]
 
-    def uses_device(self, layer, expert):
-        return True
-
     def _predict(self, layer, hidden):
         """Layer ``layer``'s likely experts: the ``width`` largest predicted logits of each
-        token of the previous layer's input ``hidden``."""
+        token of the previous layer's input ``hidden``, likeliest last (most tokens, then the
+        largest logit), so that they are the most recently used when a small cache admits
+        them in this order."""
         weight, bias = self.predictors[layer]
-        logits = hidden.detach().float().cpu() @ weight + bias
-        return set(torch.topk(logits, self.width, dim=-1).indices.unique().tolist())
+        top = torch.topk(hidden.detach().float().cpu() @ weight + bias, self.width, dim=-1)
+        experts = weight.shape[1]
+        votes = torch.bincount(top.indices.flatten(), minlength=experts)
+        best = torch.full((experts,), -torch.inf).scatter_reduce(0, top.indices.flatten(), top.values.flatten(), "amax")
+        return sorted(votes.nonzero().flatten().tolist(), key=lambda e: (votes[e].item(), best[e].item()))
 
     def place(self, layer, experts, hidden):
         tel = self.offload.telemetry
@@ -163,17 +204,10 @@ class Prefetch(LRU):
         if predicted is not None:
             self.recall[0] += len(predicted & set(experts))
             self.recall[1] += len(experts)
-        placement = {}
-        for e in experts:
-            resident = e in self.cache[layer]
-            if resident:
-                self.cache[layer].move_to_end(e)
-                self.uses[layer][e] += 1
-            tel.hit(layer, e, resident)
-            placement[e] = "host" if resident else "device"
+        placement = super().place(layer, experts, hidden)
         if layer + 1 < self.layers:
             ahead = self._predict(layer + 1, hidden)
-            self.predicted[layer + 1] = ahead
+            self.predicted[layer + 1] = set(ahead)
             for e in ahead:
                 if not self._admit(layer + 1, e):
                     tel.prefetch(layer + 1, e, self.offload.expert_bytes)
@@ -192,44 +226,6 @@ def _fit_predictor(inputs, next_inputs, router, ridge):
     y = torch.nn.functional.linear(next_inputs.double(), router.weight.detach().double().cpu())
     solution = torch.linalg.solve(x.T @ x + ridge * torch.eye(x.shape[1], dtype=torch.float64), x.T @ y)
     return solution[:-1].float(), solution[-1].float()
-
-
-class Cost(LRU):
-    name = "cost"
-
-    def __init__(self, offload, *, hot, link="pcie-gen3-x4"):
-        super().__init__(offload, hot=hot)
-        if link not in LINKS:
-            raise UserError(f"unknown link {link!r}; known links: {', '.join(LINKS)}")
-        self.link = LINKS[link]
-
-    def uses_device(self, layer, expert):
-        return True
-
-    def place(self, layer, experts, hidden):
-        tel = self.offload.telemetry
-        config = self.offload.config
-        placement = {}
-        tokens = hidden.shape[0]
-        host_s = self.offload.host_cost.seconds(1, tokens)
-        device_cycles = tel.device_cycles_per_token() * tokens
-        for e in experts:
-            if e in self.cache[layer]:
-                self._admit(layer, e)
-                tel.hit(layer, e, True)
-                placement[e] = "host"
-                continue
-            tel.hit(layer, e, False)
-            move_s = self.link.seconds(self.offload.expert_bytes) + host_s
-            act_bytes = tokens * (4 + config.model.hidden) + tokens * 4 * config.model.hidden
-            device_s = device_cycles / (config.target.clock_mhz * 1e6) \
-                + self.link.seconds(act_bytes, requests=4)
-            if move_s < device_s:
-                self._admit(layer, e)
-                placement[e] = "move"
-            else:
-                placement[e] = "device"
-        return placement
 
 
 POLICIES = {cls.name: cls for cls in (Static, LRU, LFU, Prefetch, Cost)}

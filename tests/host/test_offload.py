@@ -1,4 +1,5 @@
 import dataclasses
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -201,11 +202,11 @@ def test_block_mode_refuses_what_it_cannot_run():
             offload(_family("mixtral"), device, block=True, policy="lru", calibration=_ids(1))
         with pytest.raises(UserError, match="model type 'deepseek_v3' routes on the host"):
             offload(_family("deepseek_v3"), device, block=True, calibration=_ids(1))
-        with pytest.raises(UserError, match="routes with softmax_topk; device config 'tiny' has router.mode "
-                                            "softmax_topk_renorm"):
+        with pytest.raises(UserError, match=r"routes with softmax_topk; device config 'tiny' has router\.mode "
+                                            r"softmax_topk_renorm"):
             offload(_family("olmoe"), device, block=True, calibration=_ids(1))
     small = dataclasses.replace(config, memory=dataclasses.replace(config.memory, size_bytes=16384))
-    with open_device(small, "model") as device, pytest.raises(UserError, match="memory.size_bytes 16384"):
+    with open_device(small, "model") as device, pytest.raises(UserError, match=r"memory\.size_bytes 16384"):
         offload(_family("mixtral"), device, block=True, calibration=_ids(1))
 
 
@@ -232,3 +233,38 @@ def test_prefetch_width_bounds_its_recall():
             model(input_ids=_ids(4))
         assert handle.policy.recall_rate == 1.0  # every expert predicted: nothing can be missed
         handle.remove()
+
+
+def test_cost_moves_over_a_fast_link_and_runs_on_the_device_over_a_slow_one():
+    from moegen.host.offload import HostCost
+    from moegen.host.policies import Cost
+    from moegen.host.telemetry import Telemetry
+
+    stub = SimpleNamespace(config=load_config("default"), frequency=[torch.zeros(8)], telemetry=Telemetry(1, 8),
+                           expert_bytes=64384, host_cost=HostCost(30e-6, 2e-6))
+    stub.telemetry.device_call(0, 0, 1, cycles=9000, bytes_out=0, bytes_in=0, seconds=0.0, fallback=False)
+    hidden = torch.zeros(1, 128)
+    # PCIe: 64 KB in ~20 us plus 32 us on the host beats 90 us of device cycles
+    assert Cost(stub, hot=1, link="pcie-gen3-x4").place(0, [3], hidden) == {3: "move"}
+    # UART: the same move takes ~215 ms, the device call ~2 ms
+    assert Cost(stub, hot=1, link="uart-3m").place(0, [3], hidden) == {3: "device"}
+
+
+def test_prefetch_admits_the_likeliest_experts_last_so_a_small_cache_keeps_them():
+    from moegen.host.offload import HostCost
+    from moegen.host.policies import Prefetch
+    from moegen.host.telemetry import Telemetry
+
+    stub = SimpleNamespace(
+        config=load_config("tiny"), frequency=[torch.zeros(4), torch.zeros(4)], telemetry=Telemetry(2, 4),
+        expert_bytes=3264, host_cost=HostCost(30e-6, 2e-6),
+        model=SimpleNamespace(config=SimpleNamespace(num_experts_per_tok=2)),
+        calibration=[torch.randn(32, 16, generator=torch.Generator().manual_seed(i)) for i in range(2)],
+        routers=[torch.nn.Linear(16, 4, bias=False) for _ in range(2)])
+    policy = Prefetch(stub, hot=2, width=3)
+    # a predictor whose logits are 3, 2, 1, 0 for experts 1, 3, 0, 2 whatever the input
+    policy.predictors[1] = (torch.zeros(16, 4), torch.tensor([1.0, 3.0, 0.0, 2.0]))
+    policy.place(0, [0], torch.zeros(2, 16))
+    assert policy.predicted[1] == {1, 3, 0}
+    assert list(policy.cache[1]) == [3, 1]  # expert 0 admitted first, then evicted
+    assert policy.place(1, [1, 3], torch.zeros(2, 16)) == {1: "host", 3: "host"}
