@@ -60,6 +60,7 @@ __all__ = [
     "ImageHeader",
     "read_header",
     "read_image",
+    "with_header_field",
     "write_image",
 ]
 
@@ -126,6 +127,16 @@ def write_image(qe, *, config_hash, expert_id, layer=0):
     )
     image[:HEADER_SIZE] = header[:60] + struct.pack("<I", zlib.crc32(header[:60]))
     return bytes(image)
+
+
+def with_header_field(image, offset, fmt, value):
+    """``image`` with one header field (``struct`` format ``fmt`` at byte ``offset``) set to
+    ``value`` and the header CRC re-sealed, so that only the field is wrong (for testing the
+    checks that read it)."""
+    data = bytearray(image)
+    struct.pack_into(fmt, data, offset, value)
+    struct.pack_into("<I", data, 60, zlib.crc32(data[:60]))
+    return bytes(data)
 
 
 def read_header(data, *, config_hash=None, expert_id=None, layout=None):

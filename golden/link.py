@@ -61,6 +61,7 @@ import zlib
 from dataclasses import dataclass
 
 __all__ = [
+    "BYTE_FAULTS",
     "REQUEST_HEADER",
     "RESPONSE_HEADER",
     "SYNC_REQUEST",
@@ -71,6 +72,7 @@ __all__ = [
     "Request",
     "Response",
     "Status",
+    "corrupt",
     "encode_request",
     "encode_response",
 ]
@@ -80,6 +82,26 @@ SYNC_RESPONSE = 0x5A
 REQUEST_HEADER = struct.Struct("<BBBBIH")
 RESPONSE_HEADER = struct.Struct("<BBBBH")
 CRC_BYTES = 4
+#: The byte faults a line can inflict, as :func:`corrupt` applies them.
+BYTE_FAULTS = ("flip", "drop", "duplicate", "truncate")
+
+
+def corrupt(data, kind, index, rng):
+    """``data`` with one fault of ``kind`` (:data:`BYTE_FAULTS`) at byte ``index``: one bit
+    flipped (which, drawn from ``rng``), the byte dropped or duplicated, or everything from it
+    on cut off. Tests and the fault benchmarks inject faults with it."""
+    data = bytearray(data)
+    if kind == "flip":
+        data[index] ^= 1 << rng.randrange(8)
+    elif kind == "drop":
+        del data[index]
+    elif kind == "duplicate":
+        data.insert(index, data[index])
+    elif kind == "truncate":
+        del data[index:]
+    else:
+        raise ValueError(f"unknown byte fault {kind!r}; known: {', '.join(BYTE_FAULTS)}")
+    return bytes(data)
 
 
 class Opcode(enum.IntEnum):

@@ -19,7 +19,7 @@ import threading
 import time
 
 from ..errors import UserError
-from ..golden.link import FrameParser, Opcode, Status, encode_request
+from ..golden.link import BYTE_FAULTS, FrameParser, Opcode, Status, corrupt, encode_request
 
 __all__ = [
     "TRANSPORTS",
@@ -250,7 +250,7 @@ class ByteFaults:
         Faults injected so far, by kind.
     """
 
-    KINDS = ("flip", "drop", "duplicate", "truncate")
+    KINDS = BYTE_FAULTS
 
     def __init__(self, rate, seed=0):
         if not 0 <= rate <= 1:
@@ -266,19 +266,10 @@ class ByteFaults:
     def __call__(self, data):
         if not data or self.rng.random() >= self.rate:
             return data
-        data = bytearray(data)
         i = self.rng.randrange(len(data))
         kind = self.rng.choice(self.KINDS)
         self.injected[kind] += 1
-        if kind == "flip":
-            data[i] ^= 1 << self.rng.randrange(8)
-        elif kind == "drop":
-            del data[i]
-        elif kind == "duplicate":
-            data.insert(i, data[i])
-        else:
-            del data[i:]
-        return bytes(data)
+        return corrupt(data, kind, i, self.rng)
 
 
 class FaultyTransport:

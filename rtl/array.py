@@ -33,6 +33,7 @@ __all__ = [
     "SUPPORTED_N",
     "SparseSystolicArray",
     "activation_layout",
+    "check_shape",
     "required_acc_bits",
     "result_layout",
     "step_bits",
@@ -88,6 +89,21 @@ def step_bits(cols, m, n, weight_width):
     return cols * m * (weight_width + index_bits(m, n))
 
 
+def check_shape(owner, *, rows, cols, m, n, act_width, weight_width, acc_width):
+    """Check an array's shape parameters and set them on ``owner`` (the array, or a block
+    built around one); a bad value raises naming ``owner``'s class, the parameter and its
+    range."""
+    owner.rows = check_int(owner, "rows", rows, 1, 64)
+    owner.cols = check_int(owner, "cols", cols, 1, 64)
+    if type(n) is not int or n not in SUPPORTED_N:
+        reject(owner, f"n must be one of {', '.join(map(str, SUPPORTED_N))}, not {n!r}")
+    owner.n = n
+    owner.m = check_int(owner, "m", m, 1, n)
+    owner.act_width = check_int(owner, "act_width", act_width, 2, 8)
+    owner.weight_width = check_int(owner, "weight_width", weight_width, 2, 8)
+    owner.acc_width = check_int(owner, "acc_width", acc_width, 8, 32)
+
+
 class SparseSystolicArray(wiring.Component):
     """An M:N structured-sparse output-stationary systolic array, bit-exact with
     :func:`moegen.golden.pack.sparse_matmul`.
@@ -136,15 +152,8 @@ class SparseSystolicArray(wiring.Component):
     """
 
     def __init__(self, *, rows, cols, m, n, act_width=8, weight_width=8, acc_width=32):
-        self.rows = check_int(self, "rows", rows, 1, 64)
-        self.cols = check_int(self, "cols", cols, 1, 64)
-        if type(n) is not int or n not in SUPPORTED_N:
-            reject(self, f"n must be one of {', '.join(map(str, SUPPORTED_N))}, not {n!r}")
-        self.n = n
-        self.m = check_int(self, "m", m, 1, n)
-        self.act_width = check_int(self, "act_width", act_width, 2, 8)
-        self.weight_width = check_int(self, "weight_width", weight_width, 2, 8)
-        self.acc_width = check_int(self, "acc_width", acc_width, 8, 32)
+        check_shape(self, rows=rows, cols=cols, m=m, n=n, act_width=act_width, weight_width=weight_width,
+                    acc_width=acc_width)
         self.index_bits = index_bits(m, n)
         self.step_bits = step_bits(cols, m, n, weight_width)
         #: cycles from the P (multiply) stage to the A (accumulate) stage

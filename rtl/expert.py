@@ -37,7 +37,7 @@ from amaranth.utils import bits_for
 
 from ..golden.device import activation_bytes, x_words
 from ..golden.expert import FACTOR_BITS
-from .array import SUPPORTED_N, SparseSystolicArray, required_acc_bits, step_bits
+from .array import SparseSystolicArray, check_shape, required_acc_bits, step_bits
 from .epilogue import Epilogue, Projection
 from .params import check_int, reject
 from .requant import SHIFT_BITS
@@ -119,18 +119,11 @@ class ExpertEngine(wiring.Component):
     """
 
     def __init__(self, *, rows, cols, m, n, hidden, ffn, max_tokens, act_width=8, weight_width=8, acc_width=32):
-        self.rows = check_int(self, "rows", rows, 1, 64)
-        self.cols = check_int(self, "cols", cols, 1, 64)
-        if type(n) is not int or n not in SUPPORTED_N:
-            reject(self, f"n must be one of {', '.join(map(str, SUPPORTED_N))}, not {n!r}")
-        self.n = n
-        self.m = check_int(self, "m", m, 1, n)
-        self.act_width = check_int(self, "act_width", act_width, 2, 8)
-        self.weight_width = check_int(self, "weight_width", weight_width, 2, 8)
+        check_shape(self, rows=rows, cols=cols, m=m, n=n, act_width=act_width, weight_width=weight_width,
+                    acc_width=acc_width)
         self.hidden = check_int(self, "hidden", hidden, 1, 65535)
         self.ffn = check_int(self, "ffn", ffn, 1, 65535)
         self.max_tokens = check_int(self, "max_tokens", max_tokens, 1, 65535)
-        self.acc_width = check_int(self, "acc_width", acc_width, 8, 32)
         self.hidden_groups = -(-hidden // n)
         self.ffn_groups = -(-ffn // n)
         products = max(self.hidden_groups, self.ffn_groups) * m

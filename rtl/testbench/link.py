@@ -30,7 +30,16 @@ from amaranth.lib.wiring import In, Out
 from cocotb.triggers import ClockCycles, FallingEdge, ReadOnly
 
 from moegen.config import load_config
-from moegen.golden.link import REQUEST_HEADER, SYNC_REQUEST, FrameParser, LinkModel, Opcode, Status
+from moegen.golden.link import (
+    BYTE_FAULTS,
+    REQUEST_HEADER,
+    SYNC_REQUEST,
+    FrameParser,
+    LinkModel,
+    Opcode,
+    Status,
+    corrupt,
+)
 from moegen.rtl.link import LinkEndpoint
 from moegen.rtl.memory import SimulatedMemory
 from moegen.rtl.regmap import RegisterFile, register_map
@@ -42,7 +51,7 @@ __all__ = ["FAULTS", "DeviceModel", "LinkHarness", "build_harness", "frame", "ha
 
 #: Cycles of silence beyond ``idle_timeout`` in a long gap, and below it in a short one.
 GAP_MARGIN = 8
-FAULTS = ("flip", "drop", "duplicate", "truncate", "garbage", "oversize", "silence")
+FAULTS = (*BYTE_FAULTS, "garbage", "oversize", "silence")
 
 
 def harness_params(config, *, seed=1, faults=100, patterns=((0.0, 0.0),), **overrides):
@@ -261,14 +270,8 @@ def traffic(params, rng, *, faults):
         counts[kind] += 1
         data = bytearray(requests.next())
         i = rng.randrange(len(data))
-        if kind == "flip":
-            data[i] ^= 1 << rng.randrange(8)
-        elif kind == "drop":
-            del data[i]
-        elif kind == "duplicate":
-            data.insert(i, data[i])
-        elif kind == "truncate":
-            del data[max(1, i):]
+        if kind in BYTE_FAULTS:
+            data = bytearray(corrupt(data, kind, max(1, i) if kind == "truncate" else i, rng))
         elif kind == "garbage":
             data = bytearray(rng.choice([SYNC_REQUEST, rng.randrange(256)]) for _ in range(rng.randint(1, 24)))
         elif kind == "oversize":

@@ -22,7 +22,6 @@ and the counters match a model of the loader's verified-image table exactly.
 
 import random
 import struct
-import zlib
 from fractions import Fraction
 
 import cocotb
@@ -34,7 +33,7 @@ from cocotb.triggers import ClockCycles, FallingEdge, ReadOnly, Timer
 
 from moegen.golden.expert import ExpertWeights, param_words, prune_expert, quantize_expert, weight_stream
 from moegen.golden.formats import HEADER_SIZE, IMAGE_ALIGN, ImageLayout
-from moegen.golden.image import ImageError, ImageErrorCode, read_image, write_image
+from moegen.golden.image import ImageError, ImageErrorCode, read_image, with_header_field, write_image
 from moegen.rtl.loader import STATUS_LAYOUT, ExpertLoader, LoaderGeometry, command_layout, done_layout
 from moegen.rtl.memory import SimulatedMemory, write_layout
 from moegen.simulation import tb_params, write_tb_report
@@ -165,14 +164,6 @@ def make_expert(layout, seed):
                            cols=layout.cols, weight_bits=layout.weight_bits, act_bits=layout.act_bits)
 
 
-def _reseal(image, offset, fmt, value):
-    """Change a header field and recompute the header CRC, so only the field is wrong."""
-    data = bytearray(image)
-    struct.pack_into(fmt, data, offset, value)
-    struct.pack_into("<I", data, 60, zlib.crc32(data[:60]))
-    return bytes(data)
-
-
 def _flip(image, offset):
     data = bytearray(image)
     data[offset] ^= 0x5A
@@ -187,21 +178,21 @@ def corruptions(image, layout, rng):
     (hash_,) = struct.unpack_from("<I", image, 8)
     cols = image[26]
     return [
-        ("bad_magic", _reseal(image, 0, "<I", magic ^ 0x100)),
-        ("bad_version", _reseal(image, 4, "<H", version + 1)),
-        ("bad_header_size", _reseal(image, 6, "<H", 32)),
+        ("bad_magic", with_header_field(image, 0, "<I", magic ^ 0x100)),
+        ("bad_version", with_header_field(image, 4, "<H", version + 1)),
+        ("bad_header_size", with_header_field(image, 6, "<H", 32)),
         ("bad_header_crc", _flip(image, rng.randrange(12, 60))),
         ("bad_header_crc_field", _flip(image, 61)),
-        ("hash_mismatch", _reseal(image, 8, "<I", hash_ ^ (1 << rng.randrange(32)))),
-        ("bad_shape_cols", _reseal(image, 26, "<B", cols + 1)),
-        ("bad_shape_hidden", _reseal(image, 16, "<I", layout.hidden + 1)),
-        ("bad_shape_offset", _reseal(image, 36, "<I", layout.offsets[1] + IMAGE_ALIGN)),
-        ("bad_shape_size", _reseal(image, 52, "<I", layout.nbytes + IMAGE_ALIGN)),
+        ("hash_mismatch", with_header_field(image, 8, "<I", hash_ ^ (1 << rng.randrange(32)))),
+        ("bad_shape_cols", with_header_field(image, 26, "<B", cols + 1)),
+        ("bad_shape_hidden", with_header_field(image, 16, "<I", layout.hidden + 1)),
+        ("bad_shape_offset", with_header_field(image, 36, "<I", layout.offsets[1] + IMAGE_ALIGN)),
+        ("bad_shape_size", with_header_field(image, 52, "<I", layout.nbytes + IMAGE_ALIGN)),
         ("crc_first_byte", _flip(image, HEADER_SIZE)),
         ("crc_weight_byte", _flip(image, rng.randrange(HEADER_SIZE, params_off))),
         ("crc_params_byte", _flip(image, rng.randrange(params_off, lut_off))),
         ("crc_last_byte", _flip(image, len(image) - 1)),
-        ("crc_field", _reseal(image, 56, "<I", struct.unpack_from("<I", image, 56)[0] ^ 1)),
+        ("crc_field", with_header_field(image, 56, "<I", struct.unpack_from("<I", image, 56)[0] ^ 1)),
     ]
 
 

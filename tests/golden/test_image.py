@@ -12,7 +12,7 @@ from moegen.golden.expert import (
     quantize_expert,
 )
 from moegen.golden.formats import HEADER_SIZE, IMAGE_ALIGN, ImageLayout
-from moegen.golden.image import MAGIC, ImageError, ImageErrorCode, read_image, write_image
+from moegen.golden.image import MAGIC, ImageError, ImageErrorCode, read_image, with_header_field, write_image
 
 HASH = 0xDA3A601A
 
@@ -54,14 +54,6 @@ def test_header_fields_at_documented_offsets(image):
     assert struct.unpack_from("<I", image, 60)[0] == zlib.crc32(image[:60])
 
 
-def _with_header(image, offset, fmt, value):
-    """Change a header field and re-seal the header CRC, so only the field is wrong."""
-    data = bytearray(image)
-    struct.pack_into(fmt, data, offset, value)
-    struct.pack_into("<I", data, 60, zlib.crc32(data[:60]))
-    return bytes(data)
-
-
 def _flip(image, offset):
     data = bytearray(image)
     data[offset] ^= 0x10
@@ -71,13 +63,13 @@ def _flip(image, offset):
 @pytest.mark.parametrize(("mutate", "code", "match"), [
     (lambda im: im[:HEADER_SIZE - 1], ImageErrorCode.TRUNCATED, "header alone needs 64"),
     (lambda im: im[: len(im) // 2], ImageErrorCode.TRUNCATED, "its header says"),
-    (lambda im: _with_header(im, 0, "<4s", b"MOEY"), ImageErrorCode.BAD_MAGIC, "magic"),
-    (lambda im: _with_header(im, 4, "<H", 2), ImageErrorCode.BAD_VERSION, "version 2"),
+    (lambda im: with_header_field(im, 0, "<4s", b"MOEY"), ImageErrorCode.BAD_MAGIC, "magic"),
+    (lambda im: with_header_field(im, 4, "<H", 2), ImageErrorCode.BAD_VERSION, "version 2"),
     (lambda im: _flip(im, 20), ImageErrorCode.BAD_HEADER_CRC, "header CRC"),
-    (lambda im: _with_header(im, 8, "<I", 0x12345678), ImageErrorCode.HASH_MISMATCH, "12345678"),
-    (lambda im: _with_header(im, 12, "<H", 6), ImageErrorCode.EXPERT_MISMATCH, "expert 6, expected 5"),
-    (lambda im: _with_header(im, 36, "<I", 4096), ImageErrorCode.BAD_SHAPE, "offsets"),
-    (lambda im: _with_header(im, 25, "<B", 3), ImageErrorCode.BAD_SHAPE, "power of two"),
+    (lambda im: with_header_field(im, 8, "<I", 0x12345678), ImageErrorCode.HASH_MISMATCH, "12345678"),
+    (lambda im: with_header_field(im, 12, "<H", 6), ImageErrorCode.EXPERT_MISMATCH, "expert 6, expected 5"),
+    (lambda im: with_header_field(im, 36, "<I", 4096), ImageErrorCode.BAD_SHAPE, "offsets"),
+    (lambda im: with_header_field(im, 25, "<B", 3), ImageErrorCode.BAD_SHAPE, "power of two"),
     (lambda im: _flip(im, HEADER_SIZE + 7), ImageErrorCode.BAD_PAYLOAD_CRC, "payload CRC"),
     (lambda im: _flip(im, len(im) - 1), ImageErrorCode.BAD_PAYLOAD_CRC, "payload CRC"),
 ])

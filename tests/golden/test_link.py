@@ -7,12 +7,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from moegen.golden.link import (
+    BYTE_FAULTS,
     FrameParser,
     LinkModel,
     Opcode,
     Request,
     Response,
     Status,
+    corrupt,
     encode_request,
     encode_response,
 )
@@ -43,18 +45,8 @@ def test_frames_round_trip_through_the_parser_in_any_chunking(requests):
 
 
 def _corrupt(frame, rng):
-    kind = rng.choice(["flip", "drop", "duplicate", "truncate"])
-    data = bytearray(frame)
-    i = rng.randrange(len(data))
-    if kind == "flip":
-        data[i] ^= 1 << rng.randrange(8)
-    elif kind == "drop":
-        del data[i]
-    elif kind == "duplicate":
-        data.insert(i, data[i])
-    else:
-        del data[i:]
-    return bytes(data)
+    kind = rng.choice(BYTE_FAULTS)
+    return corrupt(frame, kind, rng.randrange(len(frame)), rng)
 
 
 def test_corrupted_frames_are_never_accepted():
