@@ -10,13 +10,14 @@ The host holds ``hot`` experts per layer. Registered by name in :data:`POLICIES`
   host; a miss moves the expert's weights into the cache (evicting the least recently
   used); nothing runs on the device;
 * ``lfu``: the same cache, evicting the least frequently used;
-* ``prefetch``: an LRU cache, plus a predictor of layer ``l+1``'s router logits from layer
+* ``prefetch``: ``cost``'s cache, plus a predictor of layer ``l+1``'s router logits from layer
   ``l``'s input (a linear map fitted by least squares on the profiling pass, as ProMoE
   learns one, rather than ``l+1``'s router applied to ``l``'s input) that moves the
   ``width`` (default ``k + 1``) likeliest experts of each token into the cache ahead of
   time; experts still missing go wherever ``cost``'s rule finds cheaper (for its
   ``link``). ``recall`` reports how many of the experts a layer chose had been predicted;
-* ``cost``: an LRU cache whose misses go wherever is cheaper by the measured costs: the
+* ``cost``: an LRU cache, filled at first with the profiling pass's most chosen experts (as
+  ``static`` keeps them), whose misses go wherever is cheaper by the measured costs: the
   device (its cycles per token so far at the board clock plus activation bytes over the
   link) or a move (the weights over the link, then the host's compute by its measured
   :class:`~moegen.host.offload.HostCost`).
@@ -138,6 +139,9 @@ class Cost(LRU):
         if link not in LINKS:
             raise UserError(f"unknown link {link!r}; known links: {', '.join(LINKS)}")
         self.link = LINKS[link]
+        for layer, frequency in enumerate(offload.frequency):  # start from the profiling pass's hot set
+            for e in torch.argsort(frequency, descending=True, stable=True)[:hot].tolist():
+                self.cache[layer][e] = True
 
     def uses_device(self, layer, expert):
         return True
