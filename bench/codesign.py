@@ -1,14 +1,19 @@
 """Co-design quality on the demo model: held-out perplexity of each compression and the expert
-MACs per-layer k saves; the error of the analytic models.
+MACs per-layer gating saves; the error of the analytic models.
 
 The demo model (host/demo) is measured on ``--heldout`` bytes of held-out text (windows of 256,
-stride 128) in float (``ppl_float``), with every expert int8 and dense (``ppl_int8``), int8 and
-2:4 by magnitude (``ppl_int8_2_4``) and int8 and 2:4 activation-aware (``ppl_best``: Wanda-style
-scores from a profiling pass over 1 KiB of training text; no recovery fine-tune). int8 experts
-are golden's integer experts on the host (``offload`` with no device, every expert cold), each
-quantized on its own calibration inputs. Per-layer k (``macs_saved_per_layer_k``,
-``ppl_per_layer_k``) is the flow's greedy search on the activation-aware int8 model within
-``--ppl-budget`` (default 1%) of ``ppl_best``.
+stride 128) in float (``ppl_float``), with every expert int8 and dense (``ppl_int8``), and int8
+and 2:4 pruned (:mod:`moegen.hls.prune`) by magnitude (``ppl_int8_2_4``), Wanda (``ppl_wanda``),
+SparseGPT (``ppl_sparsegpt``) and SparseGPT followed by ``--recover-steps`` of the recovery
+fine-tune (``ppl_recovered``, distillation from the float model on the training text; 0 skips
+it). Wanda and SparseGPT use a profiling pass over 4 KiB of training text (up to 1024 inputs per
+expert); ``ppl_best`` is the best of the three and ``best_method`` names it. int8 experts are
+golden's integer experts on the host (``offload`` with no device, every expert cold), each
+quantized on its own inputs over 1 KiB of training text. Per-layer gating
+(``macs_saved_per_layer_k``, ``per_layer_k``, ``per_layer_top_p``, ``ppl_per_layer_k``) is the
+flow's :func:`~moegen.hls.flow.choose_k` on the best int8 model within ``--ppl-budget`` (default
+1%) of ``ppl_best``, on the same held-out text; the MACs saved count the expert calls the tokens
+made.
 
 ``cycle_model_max_error`` is the documented fit of :mod:`moegen.hls.model` against the Verilator
 harness (3.4%, ``tests/hls/test_model.py``; re-simulating takes minutes per config, so it is not
@@ -17,15 +22,21 @@ re-run here). ``resource_model_max_error`` is the largest relative error of
 the model is fitted to (in-sample), over LUTs, FFs, DSPs and block RAMs.
 """
 
-DESCRIPTION = "co-design on the demo model: perplexity of int8, 2:4, activation-aware, per-layer k; model errors"
+DESCRIPTION = ("co-design on the demo model: perplexity of int8, 2:4 by magnitude, Wanda, SparseGPT, recovery; "
+               "per-layer k and top-p; model errors")
 
 #: The cycle model's largest error against the harness (hls/model.py, tests/hls/test_model.py).
 CYCLE_MODEL_MAX_ERROR = 0.034
+#: Windows of 256 training bytes the pruning methods profile.
+PRUNE_WINDOWS = 16
+MAX_RECOVER_STEPS = 10_000
 
 
 def add_arguments(parser):
     parser.add_argument("--heldout", type=int, default=4096, help="held-out bytes (default: 4096)")
     parser.add_argument("--ppl-budget", type=float, default=0.01, help="per-layer k perplexity budget (default: 0.01)")
+    parser.add_argument("--recover-steps", type=int, default=200,
+                        help="recovery fine-tune steps after SparseGPT, 0: none (default: 200)")
 
 
 def _variant(config, **array):
@@ -52,18 +63,25 @@ def _resource_model_error():
 
 def run(args):
     import copy
+    import time
 
     import torch
 
     from moegen.config import load_config
     from moegen.errors import UserError
-    from moegen.hls.flow import activation_aware_prune, choose_k, profile, routed_k
+    from moegen.hls.flow import PROFILE_ROWS, choose_k, experts_per_token, gated, profile, shares_of
+    from moegen.hls.prune import prune, pruned_copy, recover
     from moegen.host.demo import corpus
-    from moegen.host.demo.model import CONTEXT, calibration_ids, load_demo, perplexity
+    from moegen.host.demo.model import CONTEXT, calibration_ids, encode, load_demo, perplexity
     from moegen.host.offload import expert_weights, experts_modules, offload
 
     if not 512 <= args.heldout <= 1 << 20:
         raise UserError(f"--heldout must be in 512..1048576 bytes, not {args.heldout}")
+    if not 0 <= args.ppl_budget <= 1:
+        raise UserError(f"--ppl-budget must be in 0..1 (a fraction), not {args.ppl_budget}")
+    if not 0 <= args.recover_steps <= MAX_RECOVER_STEPS:
+        raise UserError(f"--recover-steps must be in 0..{MAX_RECOVER_STEPS} (0: no fine-tune), "
+                        f"not {args.recover_steps}")
     torch.set_num_threads(1)  # the machine is shared; two threads waiting on each other run slower
     model = load_demo()
     heldout = corpus.heldout(args.heldout)
@@ -73,7 +91,7 @@ def run(args):
     def measure(target=model):
         return perplexity(target, heldout, context=CONTEXT, stride=CONTEXT // 2)
 
-    def int8(target, variant):
+    def int8(target, variant=config):
         handle = offload(target, None, policy="static", hot=0, calibration=calibration, config=variant)
         try:
             return measure(target)
@@ -82,25 +100,33 @@ def run(args):
 
     ppl_float = measure()
     ppl_int8 = int8(model, _variant(config, m=4, n=4))
-    ppl_2_4 = int8(model, config)
+    ppl_2_4 = int8(model)
 
-    _, inputs = profile(model, calibration)
-    aware = copy.deepcopy(model)
-    with torch.no_grad():
-        for layer, module in enumerate(experts_modules(aware)):
-            for e in range(module.gate_up_proj.shape[0]):
-                pruned = activation_aware_prune(expert_weights(module, e), inputs[layer][e], 2, 4)
-                module.gate_up_proj[e] = torch.cat([pruned.gate, pruned.up])
-                module.down_proj[e] = pruned.down
-    handle = offload(aware, None, policy="static", hot=0, calibration=calibration, config=config)
+    _, inputs = profile(model, calibration_ids(PRUNE_WINDOWS), rows=PROFILE_ROWS)
+    modules = experts_modules(model)
+    models = {method: pruned_copy(model, [[prune(method, expert_weights(module, e), x, 2, 4)
+                                           for e, x in enumerate(layer_inputs)]
+                                          for module, layer_inputs in zip(modules, inputs, strict=True)])
+              for method in ("wanda", "sparsegpt")}
+    recover_seconds = None
+    if args.recover_steps:
+        start = time.monotonic()
+        models["recovered"] = copy.deepcopy(models["sparsegpt"])
+        recover(models["recovered"], model, torch.tensor(encode(corpus.training_text())), steps=args.recover_steps,
+                context=CONTEXT)
+        recover_seconds = time.monotonic() - start
+    ppl = {method: int8(target) for method, target in models.items()}
+    best_method = min(ppl, key=ppl.get)
+    best = models[best_method]
+    handle = offload(best, None, policy="static", hot=0, calibration=calibration, config=config)
     try:
-        k_model = aware.config.num_experts_per_tok
+        k_model = best.config.num_experts_per_tok
 
-        def limited(ks):
-            with routed_k(handle.routers, ks, k_model):
-                return measure(aware)
+        def limited(gating):
+            with gated(handle.routers, gating, k_model) as tallies:
+                return measure(best), shares_of(tallies)
 
-        ks, ppl_best, ppl_k, _ = choose_k(limited, k_model, len(handle.layers), args.ppl_budget)
+        gating, ppl_best, ppl_k, shares, _ = choose_k(limited, k_model, len(handle.layers), args.ppl_budget)
     finally:
         handle.remove()
     return {
@@ -108,11 +134,19 @@ def run(args):
         "ppl_float": ppl_float,
         "ppl_int8": ppl_int8,
         "ppl_int8_2_4": ppl_2_4,
+        "ppl_wanda": ppl["wanda"],
+        "ppl_sparsegpt": ppl["sparsegpt"],
+        "ppl_recovered": ppl.get("recovered"),
+        "recover_steps": args.recover_steps,
+        "recover_seconds": recover_seconds,
+        "best_method": best_method,
         "ppl_best": ppl_best,
         "ppl_best_vs_float": ppl_best / ppl_float - 1,
-        "per_layer_k": ks,
+        "per_layer_k": [k for k, _ in gating],
+        "per_layer_top_p": [p for _, p in gating],
         "ppl_per_layer_k": ppl_k,
-        "macs_saved_per_layer_k": 1 - sum(ks) / (k_model * len(ks)),
+        "ppl_per_layer_k_vs_best": ppl_k / ppl_best - 1,
+        "macs_saved_per_layer_k": 1 - sum(map(experts_per_token, shares)) / (k_model * len(shares)),
         "cycle_model_max_error": CYCLE_MODEL_MAX_ERROR,
         "resource_model_max_error": _resource_model_error(),
     }

@@ -7,20 +7,25 @@ from ``DIR`` and ``--until STEP`` stops after ``STEP``:
 
 * ``profile``: a profiling pass over calibration text records each expert's inputs and how often
   the router chose it (``profile.pt``, ``result.json``);
-* ``prune``: every expert to the target's ``m:n`` (the board's preset config, else the default):
-  magnitude, and activation-aware (Wanda-style: ``|w|`` times the RMS of the weight's input
-  channel over the calibration inputs); the activation-aware weights go on, the relative output
-  error of both methods is reported;
+* ``prune``: every expert to the target's ``m:n`` (the board's preset config, else the default)
+  by ``prune_method`` (:mod:`moegen.hls.prune`: ``magnitude``, ``wanda`` or, the default,
+  ``sparsegpt``, the last two activation-aware on the profiled inputs), then, with
+  ``recover_steps``, a short recovery fine-tune of the surviving expert weights toward the
+  unpruned model on the training text (masks fixed); the relative output error of magnitude and
+  of the chosen method on the calibration inputs is reported;
 * ``quantize``: golden's ``quantize_expert`` on the pruned experts, calibrated on each expert's
   inputs, written as expert images of the provisional layout;
-* ``choose-k``: per layer, the smallest k (the router's top-k cut, weights rescaled to the same
-  total) whose int8 perplexity on held-out text stays within ``--ppl-budget`` of the int8
-  perplexity with the model's own k; greedy, layer by layer;
+* ``choose-k``: per layer, a k (the router's top-k cut, weights rescaled to the same total) and
+  maybe a top-p threshold (the router's dynamic gating: a token keeps its first choices up to a
+  cumulative weight of ``top_p``) that together cut the expert calls most while the int8
+  perplexity on held-out text stays within ``--ppl-budget`` of the int8 perplexity with the
+  model's own k (:func:`choose_k`); the MACs saved count the expert calls the tokens made;
 * ``place``: the ``--host-experts`` most chosen experts of each layer stay on the host;
 * ``size-hardware``: rows and cols in {2, 4, 8, 16}, m:n in {2:4, 1:4, 4:4} (those the pruned
   weights satisfy), loader banks and router lanes, under the board's DSP, block-RAM, LUT and FF
   budget (:func:`moegen.hls.model.resources`), maximizing :func:`moegen.hls.model.tokens_per_second`
-  at the chosen k; the device memory then holds as many cold experts of a layer as fit;
+  at the chosen k and top-p (the measured spread of experts per token); the device memory then
+  holds as many cold experts of a layer as fit;
 * ``emit``: the config (YAML that ``load_config`` accepts), an image of every expert for it, and
   ``report.md`` and ``report.json``.
 
@@ -40,15 +45,26 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from .prune import PRUNE_METHODS
 
 __all__ = [
-    "STEPS", "FlowOptions", "activation_aware_prune", "choose_k", "compile_model", "int8_experts", "limit_k",
-    "perplexity", "profile", "routed_k", "size_hardware",
+    "STEPS", "TOP_P_THRESHOLDS", "FlowOptions", "choose_k", "compile_model", "gated", "int8_experts", "limit_k",
+    "perplexity", "profile", "size_hardware",
 ]
 
 STEPS = ("profile", "prune", "quantize", "choose-k", "place", "size-hardware", "emit")
-#: Tokens per window of the calibration and perplexity passes.
+#: Tokens per window of the calibration, perplexity and recovery passes.
 CONTEXT = 256
+#: Inputs recorded per expert by the profiling pass (SparseGPT's down Hessian is ffn x ffn).
+PROFILE_ROWS = 1024
+#: Most recovery fine-tune steps the flow accepts.
+MAX_RECOVER_STEPS = 100_000
+#: Top-p thresholds ``choose-k`` tries at each k above 1, in the order it tries them.
+TOP_P_THRESHOLDS = (0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55)
+#: Steps of the perplexity budget in ``choose-k``'s knapsack, and how far the allowance shrinks
+#: below the estimate of a combination that measured over the budget.
+COMBINATION_BINS = 1000
+SHRINK = 0.75
 #: Candidate array sides, sparsity patterns, loader banks of the hardware search.
 SIDES = (2, 4, 8, 16)
 SPARSITIES = ((2, 4), (1, 4), (4, 4))
@@ -76,6 +92,10 @@ class FlowOptions:
         Relative perplexity increase ``choose-k`` accepts (0.01 is 1%).
     host_experts : int or None
         Experts per layer on the host; default a quarter of the experts (at least 1).
+    prune_method : str
+        One of :data:`moegen.hls.prune.PRUNE_METHODS`.
+    recover_steps : int
+        Steps of the recovery fine-tune after pruning; 0 is none.
     """
 
     model_dir: Path
@@ -85,6 +105,8 @@ class FlowOptions:
     heldout_bytes: int = 4096
     ppl_budget: float = 0.01
     host_experts: int | None = None
+    prune_method: str = "sparsegpt"
+    recover_steps: int = 0
 
 
 def _check_options(options):
@@ -100,6 +122,12 @@ def _check_options(options):
             raise UserError(f"--{name.replace('_', '-')} must be in 64..1048576, not {value}")
     if not 0 <= options.ppl_budget <= 1:
         raise UserError(f"--ppl-budget must be in 0..1 (a fraction), not {options.ppl_budget}")
+    if options.prune_method not in PRUNE_METHODS:
+        raise UserError(f"--prune-method must be one of {', '.join(PRUNE_METHODS)}, not {options.prune_method!r}")
+    steps = options.recover_steps
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= steps <= MAX_RECOVER_STEPS:
+        raise UserError(f"--recover-steps must be an integer in 0..{MAX_RECOVER_STEPS} (0: no fine-tune), "
+                        f"not {steps!r}")
     return board
 
 
@@ -144,6 +172,13 @@ def _windows(ids, context):
     return ids[: len(ids) // context * context].view(-1, context)
 
 
+def training_ids(vocab):
+    """The whole training text as token ids (1-D)."""
+    from ..host.demo import corpus
+
+    return _token_ids(corpus.training_text(), vocab)
+
+
 def calibration_ids(nbytes, vocab, context=CONTEXT):
     from ..host.demo import corpus
 
@@ -168,16 +203,29 @@ def perplexity(model, windows, batch_size=16):
     return math.exp(total / count)
 
 
-def limit_k(router, k):
+def limit_k(router, k, top_p=None, tally=None):
     """A forward hook on ``router`` that keeps its ``k`` first choices (the routers order them by
-    score) and rescales their weights to the total the full choice had; returns the hook handle."""
+    score), rescaled to the total the full choice had when ``k`` cuts, and with ``top_p`` keeps of
+    those only the first whose cumulative weight reaches ``top_p`` (the device router's dynamic
+    gating: cut choices get weight 0, the kept ones keep theirs). ``tally`` (int64, at least
+    ``k + 1`` entries), when given, counts the tokens by the experts they keep. Returns the hook
+    handle."""
 
     def hook(module, args, output):
         index = next(i for i, t in enumerate(output) if torch.is_tensor(t) and not t.is_floating_point())
         weights = next(i for i, t in enumerate(output) if i != index and torch.is_tensor(t)
                        and t.shape == output[index].shape)
         w = output[weights]
-        kept = w[..., :k] * (w.sum(-1, keepdim=True) / w[..., :k].sum(-1, keepdim=True).clamp_min(1e-30))
+        kept = w[..., :k]
+        if k < w.shape[-1]:
+            kept = kept * (w.sum(-1, keepdim=True) / kept.sum(-1, keepdim=True).clamp_min(1e-30))
+        count = torch.full(kept.shape[:-1], kept.shape[-1])
+        if top_p is not None:
+            reached = kept.cumsum(-1) >= top_p
+            count = torch.where(reached.any(-1), reached.int().argmax(-1) + 1, count)
+            kept = torch.where(torch.arange(kept.shape[-1]) < count[..., None], kept, 0)
+        if tally is not None:
+            tally.add_(torch.bincount(count.flatten(), minlength=len(tally)))
         result = list(output)
         result[index], result[weights] = output[index][..., :k], kept.to(w.dtype)
         return tuple(result)
@@ -200,27 +248,6 @@ def int8_experts(model, calibration, config, quantized):
 
 
 # -- pruning -----------------------------------------------------------------------------------
-
-def _rms(x, width):
-    return x.pow(2).mean(0).sqrt() if len(x) else torch.ones(width)
-
-
-def activation_aware_prune(weights, inputs, m, n):
-    """Prune a float expert to ``m:n`` keeping, in every group, the weights of largest
-    ``|w| * rms(input channel)`` over the calibration ``inputs [N, hidden]``: the gate and up
-    rows score against the expert's inputs, the down rows against its gated activations."""
-    from ..golden.expert import ExpertWeights
-    from ..golden.pack import prune_mn
-
-    x = inputs.double()
-    h = torch.nn.functional.silu(x @ weights.gate.double().T) * (x @ weights.up.double().T)
-    rx, rh = _rms(x, weights.hidden).float(), _rms(h, weights.ffn).float()
-    return ExpertWeights(
-        prune_mn(weights.gate, m, n, scores=weights.gate.abs() * rx),
-        prune_mn(weights.up, m, n, scores=weights.up.abs() * rx),
-        prune_mn(weights.down, m, n, scores=weights.down.abs() * rh),
-    )
-
 
 def _output_error(weights, reference, x):
     from ..golden.expert import expert_float
@@ -279,11 +306,18 @@ def _over(used, budget):
     return {key: used[key] - budget[key] for key in budget if used[key] > budget[key]}
 
 
-def size_hardware(board, meta, ks, pruned_mn, cold):
-    """The config of largest modeled tokens/s at per-layer ``ks`` within ``board``'s budget, its
-    resources and figures; ``cold`` is the experts per layer the device memory should hold."""
+def _expected_cycles(config, shares):
+    from .model import layer_cycles
+
+    return sum(share * layer_cycles(config, c) for layer in shares for c, share in enumerate(layer) if c and share)
+
+
+def size_hardware(board, meta, shares, pruned_mn, cold):
+    """The config of largest modeled tokens/s within ``board``'s budget, its resources and
+    figures. ``shares[layer][c]`` is the fraction of tokens that run ``c`` experts in a layer
+    (:func:`choose_k`); ``cold`` is the experts per layer the device memory should hold."""
     from ..errors import ConfigError
-    from .model import layer_cycles, resources
+    from .model import resources
 
     budget = _budget(board)
     base = _base_config(board)
@@ -309,7 +343,7 @@ def size_hardware(board, meta, ks, pruned_mn, cold):
                             if closest is None or worst < closest[0]:
                                 closest = (worst, config, used, over)
                             continue
-                        cycles = sum(layer_cycles(config, k) for k in ks)
+                        cycles = _expected_cycles(config, shares)
                         tps = config.target.clock_mhz * 1e6 / cycles
                         smaller = best is not None and tps == best[0] and sum(used.values()) < sum(best[2].values())
                         if best is None or tps > best[0] or smaller:
@@ -393,46 +427,116 @@ def _image_name(layer, expert):
     return f"layer{layer:02d}-expert{expert:03d}.bin"
 
 
-def profile(model, calibration):
+def profile(model, calibration, rows=None):
     """A profiling pass over ``calibration [B, S]``: per layer, how often each expert was chosen
-    and up to :data:`~moegen.host.offload.CALIBRATION_ROWS` of its inputs (``[N, hidden]``, maybe
-    ``N == 0``)."""
-    from ..host.offload import Profiler, experts_modules
+    and up to ``rows`` (default :data:`~moegen.host.offload.CALIBRATION_ROWS`) of its inputs
+    (``[N, hidden]``, maybe ``N == 0``)."""
+    from ..host.offload import CALIBRATION_ROWS, Profiler, experts_modules
 
     modules = experts_modules(model)
-    profiler = Profiler.run(model, modules, calibration)
+    profiler = Profiler.run(model, modules, calibration, rows=rows or CALIBRATION_ROWS)
     experts = modules[0].gate_up_proj.shape[0]
     inputs = [[profiler.rows(m, e) for e in range(experts)] for m in modules]
     return [profiler.counts[id(m)].tolist() for m in modules], inputs
 
 
-def choose_k(measure, k_model, layers, budget):
-    """Greedy per-layer k: lower each layer's k in turn while ``measure(ks)`` (a perplexity)
-    stays within ``budget`` of ``measure`` at the model's k. Returns ``(ks, reference, final,
-    trials)``."""
-    ks = [k_model] * layers
-    reference = current = measure(ks)
-    trials = []
+def experts_per_token(share):
+    """The mean experts per token of a spread ``share`` (``share[c]``: the tokens keeping ``c``)."""
+    return sum(c * value for c, value in enumerate(share))
+
+
+def _candidates(k_model, thresholds):
+    """Gatings ``(k, top_p)`` below ``(k_model, None)``, roughly in order of fewer expert calls."""
+    for k in range(k_model, 0, -1):
+        if k < k_model:
+            yield k, None
+        if k > 1:
+            yield from ((k, p) for p in thresholds)
+
+
+def _cheapest_combination(options, allowance, bins=COMBINATION_BINS):
+    """One option per layer (``options[layer]``: ``(loss, experts)``, option 0 of loss 0) with
+    the fewest experts in all whose losses add up to at most ``allowance``: a knapsack over
+    ``bins`` steps of the allowance, each loss rounded up to whole steps."""
+    unit = allowance / bins
+
+    def steps(loss):
+        return 0 if loss <= 0 else bins + 1 if unit <= 0 else math.ceil(loss / unit)
+
+    best = [(0.0, ())] + [None] * bins  # best[used steps] = (experts, choice)
+    for layer_options in options:
+        following = [None] * (bins + 1)
+        for used, state in enumerate(best):
+            if state is None:
+                continue
+            for option, (loss, experts) in enumerate(layer_options):
+                total = used + steps(loss)
+                if total <= bins and (following[total] is None or state[0] + experts < following[total][0]):
+                    following[total] = (state[0] + experts, (*state[1], option))
+        best = following
+    return min((state for state in best if state is not None), key=lambda state: state[0])[1]
+
+
+def choose_k(measure, k_model, layers, budget, thresholds=TOP_P_THRESHOLDS):
+    """Per-layer gating ``(k, top_p)`` that cuts the expert calls most while ``measure`` stays
+    within ``budget`` of ``measure`` at the model's k.
+
+    ``measure(gating)`` takes a ``(k, top_p)`` per layer and returns ``(perplexity, shares)``,
+    ``shares[layer][c]`` the fraction of tokens that kept ``c`` experts. Each layer alone tries the
+    gatings of ``_candidates`` until one goes over the budget; those that pass are its options.
+    The combination with the fewest expert calls whose single-layer perplexity losses add up to
+    at most the budget is measured; while it goes over, the allowance shrinks below its estimate
+    and the next combination is measured. Returns ``(gating, reference, final, shares, trials)``.
+    """
+    full = [(k_model, None)] * layers
+    reference, reference_shares = measure(full)
+    limit = reference * (1 + budget)
+    trials, options, losses = [], [], []
     for layer in range(layers):
-        for k in range(k_model - 1, 0, -1):
-            candidate = [*ks[:layer], k, *ks[layer + 1:]]
-            ppl = measure(candidate)
-            trials.append({"layer": layer, "k": k, "ppl": ppl, "kept": ppl <= reference * (1 + budget)})
-            if not trials[-1]["kept"]:
+        options.append([(k_model, None)])
+        losses.append([(0.0, experts_per_token(reference_shares[layer]))])
+        for candidate in _candidates(k_model, thresholds):
+            ppl, shares = measure([*full[:layer], candidate, *full[layer + 1:]])
+            experts = experts_per_token(shares[layer])
+            trials.append({"layer": layer, "k": candidate[0], "top_p": candidate[1], "ppl": ppl,
+                           "experts_per_token": experts, "kept": ppl <= limit})
+            if ppl > limit:
                 break
-            ks, current = candidate, ppl
-    return ks, reference, current, trials
+            options[-1].append(candidate)
+            losses[-1].append((ppl - reference, experts))
+    allowance, tried = limit - reference, set()
+    while True:
+        choice = _cheapest_combination(losses, allowance)
+        if not any(choice) or choice in tried:
+            return full, reference, reference, reference_shares, trials
+        tried.add(choice)
+        gating = [options[layer][option] for layer, option in enumerate(choice)]
+        ppl, shares = measure(gating)
+        trials.append({"gating": gating, "ppl": ppl, "kept": ppl <= limit})
+        if ppl <= limit:
+            return gating, reference, ppl, shares, trials
+        estimate = sum(max(0.0, losses[layer][option][0]) for layer, option in enumerate(choice))
+        allowance = SHRINK * min(allowance, estimate)
 
 
 @contextlib.contextmanager
-def routed_k(routers, ks, k_model):
-    """The routers of each layer limited to ``ks`` (:func:`limit_k`) inside the block."""
-    hooks = [limit_k(router, k) for router, k in zip(routers, ks, strict=True) if k < k_model]
+def gated(routers, gating, k_model):
+    """The routers of each layer limited by ``gating`` (a ``(k, top_p)`` per layer,
+    :func:`limit_k`) inside the block; yields each layer's tally of tokens by experts kept
+    (``[k_model + 1]``)."""
+    tallies = [torch.zeros(k_model + 1, dtype=torch.int64) for _ in routers]
+    hooks = [limit_k(router, k, top_p, tally)
+             for router, (k, top_p), tally in zip(routers, gating, tallies, strict=True)]
     try:
-        yield
+        yield tallies
     finally:
         for hook in hooks:
             hook.remove()
+
+
+def shares_of(tallies):
+    """Each tally of :func:`gated` as fractions of its tokens."""
+    return [(tally / tally.sum().clamp_min(1)).tolist() for tally in tallies]
 
 
 def _profile(flow, folder):
@@ -446,7 +550,7 @@ def _profile(flow, folder):
             "vocab": int(model.config.vocab_size)}
     flow.results["profile"] = {"model": meta}
     calibration = flow.calibration()
-    counts, inputs = profile(model, calibration)
+    counts, inputs = profile(model, calibration, rows=PROFILE_ROWS)
     torch.save({"inputs": inputs}, folder / "profile.pt")
     return {"model": meta, "calibration_tokens": calibration.numel(), "counts": counts}
 
@@ -456,27 +560,43 @@ def _profile_inputs(flow):
 
 
 def _prune(flow, folder):
-    from ..golden.expert import prune_expert
     from ..host.offload import expert_weights, experts_modules
+    from .prune import prune, pruned_copy, recover
 
+    options = flow.options
     config = flow.provisional_config()
     m, n = config.array.m, config.array.n
     inputs = _profile_inputs(flow)
-    pruned, errors = [], {"magnitude": [], "activation_aware": []}
+    errors = {method: [] for method in ("magnitude", options.prune_method)}
+    dense, pruned = [], []
     for layer, module in enumerate(experts_modules(flow.model)):
-        experts = []
-        for e in range(flow.meta["experts"]):
-            weights, x = expert_weights(module, e), inputs[layer][e]
-            aware = activation_aware_prune(weights, x, m, n)
-            for method, candidate in (("magnitude", prune_expert(weights, m, n)), ("activation_aware", aware)):
-                error = _output_error(candidate, weights, x)
+        dense.append([expert_weights(module, e) for e in range(flow.meta["experts"])])
+        pruned.append([prune(options.prune_method, weights, x, m, n)
+                       for weights, x in zip(dense[-1], inputs[layer], strict=True)])
+        for weights, chosen, x in zip(dense[-1], pruned[-1], inputs[layer], strict=True):
+            for method in errors:
+                error = _output_error(chosen if method == options.prune_method else prune(method, weights, x, m, n),
+                                      weights, x)
                 if error is not None:
                     errors[method].append(error)
-            experts.append({"gate": aware.gate, "up": aware.up, "down": aware.down})
-        pruned.append(experts)
-    torch.save({"experts": pruned}, folder / "pruned.pt")
-    mean = {method: sum(values) / len(values) if values else None for method, values in errors.items()}
-    return {"m": m, "n": n, "method": "activation_aware", "mean_output_error": mean}
+    result = {"m": m, "n": n, "method": options.prune_method,
+              "mean_output_error": {method: sum(values) / len(values) if values else None
+                                    for method, values in errors.items()}}
+    if options.recover_steps:
+        student = pruned_copy(flow.model, pruned)
+        losses = recover(student, flow.model, training_ids(flow.meta["vocab"]), steps=options.recover_steps,
+                         context=CONTEXT)
+        pruned = [[expert_weights(module, e) for e in range(flow.meta["experts"])]
+                  for module in experts_modules(student)]
+        recovered = [_output_error(weights, reference, x)
+                     for layer in range(len(pruned))
+                     for weights, reference, x in zip(pruned[layer], dense[layer], inputs[layer], strict=True)]
+        recovered = [error for error in recovered if error is not None]
+        result["recovery"] = {"steps": options.recover_steps, "loss_first": losses[0], "loss_last": losses[-1],
+                              "mean_output_error": sum(recovered) / len(recovered) if recovered else None}
+    torch.save({"experts": [[{"gate": w.gate, "up": w.up, "down": w.down} for w in layer] for layer in pruned]},
+               folder / "pruned.pt")
+    return result
 
 
 def _quantize(flow, folder):
@@ -510,17 +630,19 @@ def _choose_k(flow, folder):
     heldout = heldout_ids(flow.options.heldout_bytes, meta["vocab"])
     model = flow.model
     with int8_experts(model, flow.calibration(), flow.provisional_config(), flow.quantized()) as handle:
-        def measure(ks):
-            with routed_k(handle.routers, ks, meta["k"]):
-                return perplexity(model, heldout)
+        def measure(gating):
+            with gated(handle.routers, gating, meta["k"]) as tallies:
+                return perplexity(model, heldout), shares_of(tallies)
 
-        ks, reference, final, trials = choose_k(measure, meta["k"], meta["layers"], budget)
-    full = meta["k"] * meta["layers"]
+        gating, reference, final, shares, trials = choose_k(measure, meta["k"], meta["layers"], budget)
     macs = 3 * meta["hidden"] * meta["ffn"]
-    return {"k": ks, "k_model": meta["k"], "ppl_int8": reference, "ppl_chosen": final, "ppl_budget": budget,
-            "heldout_tokens": heldout.numel(), "trials": trials,
-            "expert_macs_per_token": {"model_k": full * macs, "chosen_k": sum(ks) * macs},
-            "macs_saved": 1 - sum(ks) / full}
+    experts = sum(experts_per_token(share) for share in shares)
+    full = meta["k"] * meta["layers"]
+    return {"k": [k for k, _ in gating], "top_p": [p for _, p in gating], "k_model": meta["k"],
+            "ppl_int8": reference, "ppl_chosen": final, "ppl_budget": budget, "heldout_tokens": heldout.numel(),
+            "experts_per_token": shares, "trials": trials,
+            "expert_macs_per_token": {"model_k": full * macs, "chosen": experts * macs},
+            "macs_saved": 1 - experts / full}
 
 
 def _place(flow, folder):
@@ -540,9 +662,9 @@ def _place(flow, folder):
 
 def _size_hardware(flow, folder):
     prune = flow.result("prune")
-    ks = flow.result("choose-k")["k"]
+    shares = flow.result("choose-k")["experts_per_token"]
     cold = flow.meta["experts"] - flow.result("place")["host_experts"]
-    config, figures = size_hardware(flow.board, flow.meta, ks, (prune["m"], prune["n"]), cold)
+    config, figures = size_hardware(flow.board, flow.meta, shares, (prune["m"], prune["n"]), cold)
     name = f"compiled-{flow.board.name}"
     config = config.from_dict({**config.to_dict(), "name": name})
     (folder / "config.yaml").write_text(config.to_yaml())
@@ -583,20 +705,31 @@ def _emit(flow, folder):
     return report["emit"]
 
 
+def _fraction(value):
+    return "(no calibration inputs)" if value is None else f"{value:.4f}"
+
+
 def _markdown(report):
     meta, k, hw = report["profile"]["model"], report["choose-k"], report["size-hardware"]
     prune = report["prune"]
+    errors = ", ".join(f"{method} {_fraction(error)}" for method, error in prune["mean_output_error"].items())
+    recovery = prune.get("recovery")
+    recovered = [] if recovery is None else [
+        f"Recovery fine-tune: {recovery['steps']} steps, distillation loss {recovery['loss_first']:.4f} to "
+        f"{recovery['loss_last']:.4f}, mean relative output error after it "
+        f"{_fraction(recovery['mean_output_error'])}.", ""]
+    gating = ", ".join(f"k {k}" if p is None else f"k {k} top-p {p}" for k, p in zip(k["k"], k["top_p"], strict=True))
     lines = [
         f"# moegen compile: {report['model_dir']} on {report['board']}", "",
         f"Model: {meta['family']}, {meta['layers']} MoE layers of {meta['experts']} experts (top-{meta['k']}), "
         f"hidden {meta['hidden']}, expert ffn {meta['ffn']}.", "",
         "## Pruning and quantization", "",
-        f"{prune['m']}:{prune['n']}, mean relative expert output error on calibration inputs: magnitude "
-        f"{prune['mean_output_error']['magnitude']}, activation-aware {prune['mean_output_error']['activation_aware']} "
-        f"(kept: {prune['method']}).", "",
+        f"{prune['m']}:{prune['n']}, mean relative expert output error on calibration inputs: {errors} "
+        f"(kept: {prune['method']}).", "", *recovered,
         "## Per-layer k", "",
-        f"int8 perplexity {k['ppl_int8']:.4f} with k = {k['k_model']}; chosen k {k['k']}: {k['ppl_chosen']:.4f} "
-        f"(budget {100 * k['ppl_budget']:.2f}%); expert MACs saved {100 * k['macs_saved']:.1f}%.", "",
+        f"int8 perplexity {k['ppl_int8']:.4f} with k = {k['k_model']}; chosen per layer: {gating}: "
+        f"{k['ppl_chosen']:.4f} (budget {100 * k['ppl_budget']:.2f}%); expert MACs saved "
+        f"{100 * k['macs_saved']:.1f}%.", "",
         "| layer | host experts | host share of choices |", "| --- | --- | --- |",
         *(f"| {i} | {layer['host']} | {layer['host_share']:.2f} |"
           for i, layer in enumerate(report["place"]["layers"])),

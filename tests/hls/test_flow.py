@@ -1,7 +1,9 @@
 """The co-design flow (hls/flow.py) on a tiny random Mixtral: every step, resuming, stopping,
 bad input, and a budget nothing fits."""
 
+import dataclasses
 import json
+import re
 import shutil
 
 import pytest
@@ -13,7 +15,8 @@ from moegen.cli import main
 from moegen.config import load_config
 from moegen.errors import UserError
 from moegen.golden.image import read_image
-from moegen.hls.flow import STEPS, FlowOptions, activation_aware_prune, compile_model, limit_k
+from moegen.golden.pack import prune_mn
+from moegen.hls.flow import STEPS, FlowOptions, choose_k, compile_model, experts_per_token, limit_k
 
 SIZES = ["--calibration-bytes", "256", "--heldout-bytes", "512"]
 
@@ -60,8 +63,11 @@ def test_report_figures(compiled):
     report = json.loads((compiled / "emit" / "report.json").read_text())
     k = report["choose-k"]
     assert all(1 <= layer_k <= 2 for layer_k in k["k"])
+    assert len(k["top_p"]) == 2 and all(p is None or 0 < p < 1 for p in k["top_p"])
     assert k["ppl_chosen"] <= k["ppl_int8"] * (1 + k["ppl_budget"])
-    assert k["macs_saved"] == pytest.approx(1 - sum(k["k"]) / 4)
+    assert all(sum(share) == pytest.approx(1) and share[0] == 0 for share in k["experts_per_token"])
+    assert k["macs_saved"] == pytest.approx(1 - sum(map(experts_per_token, k["experts_per_token"])) / 4)
+    assert report["prune"]["method"] == "sparsegpt" and "recovery" not in report["prune"]
     hw = report["size-hardware"]
     assert all(hw["resources"][key] <= hw["budget"][key] for key in hw["budget"])
     assert [len(layer["host"]) for layer in report["place"]["layers"]] == [1, 1]
@@ -84,6 +90,46 @@ def test_from_resumes_and_until_stops(compiled, tmp_path):
     assert lines[0].startswith("[5/7] place") and lines[-1].startswith("done")
     compile_model(_options(compiled, out), start="emit", progress=lines.append)
     assert (out / "emit" / "config.yaml").read_text() == (compiled / "emit" / "config.yaml").read_text()
+
+
+def _pruned(out):
+    return [expert[name] for layer in torch.load(out / "prune" / "pruned.pt", weights_only=True)["experts"]
+            for expert in layer for name in ("gate", "up", "down")]
+
+
+def test_prune_with_recovery(compiled, tmp_path):
+    runs = {}
+    for name, steps in (("plain", 0), ("recovered", 3), ("again", 3)):
+        out = tmp_path / name
+        shutil.copytree(compiled / "profile", out / "profile")
+        options = dataclasses.replace(_options(compiled, out), prune_method="wanda", recover_steps=steps)
+        runs[name] = compile_model(options, start="prune", stop="quantize", progress=lambda line: None)["prune"]
+        assert len(list((out / "quantize" / "images").iterdir())) == 2 * 4
+    assert "recovery" not in runs["plain"]
+    prune = runs["recovered"]
+    assert prune["method"] == "wanda" and list(prune["mean_output_error"]) == ["magnitude", "wanda"]
+    assert prune["recovery"]["steps"] == 3 and prune["recovery"]["loss_last"] < prune["recovery"]["loss_first"]
+    assert runs["again"] == prune
+    changed = False
+    for plain, recovered, again in zip(*(_pruned(tmp_path / name) for name in runs), strict=True):
+        assert torch.equal(recovered, again)
+        changed |= not torch.equal(recovered, plain)
+        assert not bool(recovered[plain == 0].any())  # the masks held: pruned weights stay zero
+        assert torch.equal(prune_mn(recovered, 2, 4), recovered)
+    assert changed
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"prune_method": "obs"}, "--prune-method must be one of magnitude, wanda, sparsegpt, not 'obs'"),
+    ({"recover_steps": -1}, "--recover-steps must be an integer in 0..100000 (0: no fine-tune), not -1"),
+    ({"recover_steps": 2.5}, "--recover-steps must be an integer in 0..100000 (0: no fine-tune), not 2.5"),
+    ({"recover_steps": True}, "--recover-steps must be an integer in 0..100000 (0: no fine-tune), not True"),
+])
+def test_bad_prune_options(compiled, tmp_path, changes, message):
+    options = dataclasses.replace(_options(compiled, tmp_path / "out"), **changes)
+    with pytest.raises(UserError, match=re.escape(message)):
+        compile_model(options, progress=lambda line: None)
+    assert not (tmp_path / "out").exists()
 
 
 def test_from_without_earlier_results(tiny_model, tmp_path):
@@ -113,14 +159,78 @@ def test_limit_k_keeps_the_first_choices():
     assert kept_index.tolist() == [[3]] and kept.tolist() == [[1.0]]
 
 
-def test_activation_aware_prune_follows_input_scale():
-    from moegen.golden.expert import ExpertWeights
+def test_limit_k_top_p_cuts_after_the_threshold():
+    router = torch.nn.Identity()
+    tally = torch.zeros(4, dtype=torch.int64)
+    limit_k(router, 3, top_p=0.7, tally=tally)
+    weights = torch.tensor([[0.8, 0.15, 0.05], [0.5, 0.3, 0.2], [0.4, 0.2, 0.1]])
+    index = torch.tensor([[0, 1, 2], [3, 2, 1], [1, 0, 3]])
+    _, kept, kept_index = router((torch.zeros(3, 4), weights, index))
+    assert torch.equal(kept, torch.tensor([[0.8, 0, 0], [0.5, 0.3, 0], [0.4, 0.2, 0.1]]))
+    assert torch.equal(kept_index, index)
+    assert tally.tolist() == [0, 1, 1, 1]
 
-    ones = torch.ones(4, 4)
-    weights = ExpertWeights(ones, ones, torch.ones(4, 4))
-    x = torch.tensor([[0.1, 0.1, 5.0, 4.0]] * 8)
-    pruned = activation_aware_prune(weights, x, 2, 4)
-    assert pruned.gate[0].tolist() == [0, 0, 1, 1]
+
+def test_limit_k_rescales_then_cuts():
+    router = torch.nn.Identity()
+    tally = torch.zeros(3, dtype=torch.int64)
+    limit_k(router, 2, top_p=0.6, tally=tally)
+    weights, index = torch.tensor([[0.5, 0.25, 0.25], [0.3, 0.3, 0.4]]), torch.tensor([[0, 1, 2], [1, 2, 0]])
+    _, kept, kept_index = router((torch.zeros(2, 4), weights, index))
+    # rescaled to the full total: [2/3, 1/3] (cut after the first) and [0.5, 0.5] (both kept)
+    assert kept[0].tolist() == pytest.approx([2 / 3, 0]) and kept[1].tolist() == pytest.approx([0.5, 0.5])
+    assert kept_index.tolist() == [[0, 1], [1, 2]] and tally.tolist() == [0, 1, 1]
+
+
+def _measure_table(table, k_model=2):
+    """A ``measure`` for :func:`choose_k` from ``table[(layer, (k, top_p))] = (ppl loss, experts)``;
+    the gatings it was asked for go into its ``calls``."""
+
+    def measure(gating):
+        measure.calls.append(list(gating))
+        ppl, shares = 10.0, []
+        for layer, option in enumerate(gating):
+            loss, experts = table.get((layer, option), (0.0, k_model))
+            ppl += loss
+            shares.append([0.0, k_model - experts, experts - 1] if k_model == 2 else [0.0] * k_model + [1.0])
+        return ppl, shares
+
+    measure.calls = []
+    return measure
+
+
+def test_choose_k_saves_the_most_calls_within_the_budget():
+    table = {(0, (2, 0.9)): (0.02, 1.9), (0, (2, 0.8)): (0.05, 1.6), (0, (1, None)): (0.5, 1.0),
+             (1, (2, 0.9)): (0.01, 1.5), (1, (2, 0.8)): (0.08, 1.4), (1, (1, None)): (0.09, 1.0)}
+    measure = _measure_table(table)
+    gating, reference, final, shares, trials = choose_k(measure, 2, 2, 0.01, thresholds=(0.9, 0.8))
+    # budget 0.1: layer 1 at k 1 (0.09) saves 1.0 call; 0.8 on layer 0 and 0.9 on layer 1 (0.06) only 0.9
+    assert gating == [(2, None), (1, None)]
+    assert reference == 10.0 and final == pytest.approx(10.09)
+    assert [t["kept"] for t in trials if "layer" in t] == [True, True, False, True, True, True]
+    assert shares[1] == [0.0, 1.0, 0.0]
+    assert len(measure.calls) == 1 + 3 + 3 + 1
+
+
+def test_choose_k_drops_options_the_combination_cannot_afford():
+    table = {(0, (1, None)): (0.05, 1.0), (1, (1, None)): (0.04, 1.0)}
+    measure = _measure_table(table)
+
+    def interacting(gating):
+        ppl, shares = measure(gating)
+        return ppl + (0.05 if gating == [(1, None), (1, None)] else 0.0), shares
+
+    gating, _, final, _, trials = choose_k(interacting, 2, 2, 0.01, thresholds=())
+    # both layers at k 1 add up to 0.09 but measure 0.14: the allowance shrinks to 0.0675, the
+    # cheaper layer alone (ties in calls go to the smaller loss)
+    assert gating == [(2, None), (1, None)] and final == pytest.approx(10.04)
+    assert [t["kept"] for t in trials if "gating" in t] == [False, True]
+
+
+def test_choose_k_keeps_the_model_k_when_nothing_fits():
+    measure = _measure_table({(0, (1, None)): (1.0, 1.0)})
+    gating, reference, final, _, _ = choose_k(measure, 2, 1, 0.01, thresholds=())
+    assert gating == [(2, None)] and final == reference
 
 
 def _model_folder(tmp_path, config):
