@@ -101,7 +101,7 @@ class FlowOptions:
     model_dir: Path
     board: str
     out: Path
-    calibration_bytes: int = 1024
+    calibration_bytes: int = 4096
     heldout_bytes: int = 4096
     ppl_budget: float = 0.01
     host_experts: int | None = None

@@ -1,6 +1,7 @@
 """Analytic models of the device: cycles of its commands and FPGA resources of a config.
 
-Cycle model (checked against the Verilator harness in ``tests/hls/test_model.py``):
+Cycle model (checked against the Verilator harness by :func:`cycle_errors`, in
+``tests/hls/test_model.py`` and ``moegen bench codesign``):
 
 * **Memory**: a burst of ``b`` port words issued at ``t`` delivers its first word ``latency``
   cycles later (at least 2, ``SimulatedMemory``), then one word per cycle, in order; at most
@@ -33,10 +34,12 @@ __all__ = [
     "ExpertCycles",
     "burst_schedule",
     "call_cycles",
+    "cycle_errors",
     "expert_cycles",
     "layer_cycles",
     "resources",
     "route_cycles",
+    "simulated_calls",
     "tokens_per_second",
 ]
 
@@ -302,6 +305,40 @@ ECP5_POINTS = (
 )
 #: DP16KD blocks hold 2 KiB of data (16 Kbit without parity)
 _BRAM_BYTES = 2048
+
+
+def simulated_calls(config):
+    """``(tokens, verified, BUSY_CYCLES, ENGINE_BUSY)`` of host expert calls on the config's
+    Verilator harness (built when not cached): a cold call, then warm calls on 1, 2,
+    ``rows - 1``, ``rows``, ``rows + 1`` and ``max_tokens`` tokens."""
+    from ..golden.image import write_image
+    from ..host.device import open_device
+    from ..host.sim import build, launch
+    from ..rtl.testbench.device import random_tokens
+    from ..rtl.testbench.loader import make_expert
+
+    rows, most = config.array.rows, config.model.max_tokens
+    sizes = sorted({t for t in (1, 2, rows - 1, rows, rows + 1, most) if 1 <= t <= most})
+    results = []
+    with launch(build(config)) as harness, open_device(config, "sim", address=harness.socket) as device:
+        qe = make_expert(config.image_layout, 1)
+        handle = device.upload_expert(write_image(qe, config_hash=config.device_hash, expert_id=0), expert=0)
+        for verified, tokens in [(False, 1)] + [(True, t) for t in sizes]:
+            x_q, mult, shift = random_tokens(config, tokens, tokens)
+            start = device.counters()
+            device.run_expert(handle, x_q, mult, shift)
+            end = device.counters()
+            results.append((tokens, verified, end["BUSY_CYCLES"] - start["BUSY_CYCLES"],
+                            end["ENGINE_BUSY"] - start["ENGINE_BUSY"]))
+    return results
+
+
+def cycle_errors(config):
+    """The cycle model against the harness (:func:`simulated_calls`): per call ``(tokens,
+    verified, relative error of the call's busy cycles, of the engine's)``."""
+    return [(tokens, verified, call_cycles(config, tokens, verified=verified) / busy - 1,
+             expert_cycles(config, tokens, verified=verified).engine / engine - 1)
+            for tokens, verified, busy, engine in simulated_calls(config)]
 
 
 def _features(config):

@@ -127,7 +127,8 @@ def _compile(args):
     from .hls.flow import FlowOptions, compile_model
 
     options = FlowOptions(Path(args.model_dir), args.board, Path(args.out), args.calibration_bytes, args.heldout_bytes,
-                          args.ppl_budget, args.host_experts)
+                          args.ppl_budget, args.host_experts, prune_method=args.prune_method,
+                          recover_steps=args.recover_steps)
     compile_model(options, start=args.start, stop=args.stop,
                   progress=lambda line: print(f"moegen compile: {line}", file=sys.stderr, flush=True))
     print(Path(args.out) / "emit" if args.stop == "emit" else Path(args.out) / args.stop)
@@ -200,10 +201,14 @@ def _parser():
     flow.add_argument("--from", dest="start", default="profile", metavar="STEP",
                       help="first step; earlier steps' results are read from --out")
     flow.add_argument("--until", dest="stop", default="emit", metavar="STEP", help="last step")
-    flow.add_argument("--calibration-bytes", type=int, default=1024, help="corpus bytes of the profiling pass")
+    flow.add_argument("--calibration-bytes", type=int, default=4096, help="corpus bytes of the profiling pass")
     flow.add_argument("--heldout-bytes", type=int, default=4096, help="held-out corpus bytes for choose-k")
     flow.add_argument("--ppl-budget", type=float, default=0.01, help="perplexity increase choose-k accepts (0.01: 1%%)")
     flow.add_argument("--host-experts", type=int, help="experts per layer on the host (default: a quarter)")
+    flow.add_argument("--prune-method", default="sparsegpt", help="M:N pruning: magnitude, wanda or sparsegpt "
+                      "(default: sparsegpt)")
+    flow.add_argument("--recover-steps", type=int, default=0,
+                      help="recovery fine-tune steps after pruning (default: 0, none)")
     flow.set_defaults(func=_compile)
 
     bench = commands.add_parser("bench", help="run a benchmark (no NAME: list them)")

@@ -246,6 +246,8 @@ def _model_folder(tmp_path, config):
     (["--board", "nexys"], "unknown board 'nexys'; known boards: ulx3s-85f"),
     (["--board", "icebreaker"], "no resource model for FPGA family 'ice40'"),
     (["--ppl-budget", "3"], "--ppl-budget must be in 0..1"),
+    (["--prune-method", "obs"], "--prune-method must be one of magnitude, wanda, sparsegpt, not 'obs'"),
+    (["--recover-steps", "-1"], "--recover-steps must be an integer in 0..100000"),
 ])
 def test_bad_arguments(tiny_model, tmp_path, capsys, args, message):
     argv = ["compile", str(tiny_model), "--out", str(tmp_path / "out"), *SIZES, *args]
