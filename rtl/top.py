@@ -49,8 +49,24 @@ def _error(source, code):
     return int(source) << CODE_BITS | int(code)
 
 
+def _times(value, factor):
+    """``value * factor`` for a constant ``factor``: a sum of shifted copies of ``value`` (carry
+    chains), not a multiplier block, whose routing in and out alone takes a 100 MHz cycle on ECP5."""
+    terms = [value << i for i in range(factor.bit_length()) if factor >> i & 1]
+    while len(terms) > 1:
+        terms = [terms[i] + terms[i + 1] if i + 1 < len(terms) else terms[i] for i in range(0, len(terms), 2)]
+    return terms[0] if terms else Const(0)
+
+
 class CommandProcessor(wiring.Component):
     """Runs commands (``docs/device.md``) in order; bit-exact with ``DeviceModel``.
+
+    A command is taken word by word (``FETCH``); ``DECODE`` checks its opcode, layer and counts
+    (``BAD_OPCODE``, ``BAD_LAYER``, ``BAD_COUNT``) and registers the buffers it names (aligned
+    address, room to the end of memory, length); ``CHECK`` compares each length with its room
+    (``BAD_ADDRESS``). The checks are split so that no cycle holds both a length and its
+    comparison. The command's own states follow, then ``DONE`` (or ``FAIL``), and ``FETCH``
+    again. ``NOP`` and ``FENCE`` go from ``DECODE`` to ``DONE``.
 
     Members
     -------
@@ -146,9 +162,6 @@ class CommandProcessor(wiring.Component):
         def aligned(addr):
             return addr[: (ALIGN - 1).bit_length()] == 0
 
-        def fits(addr, nbytes):
-            return aligned(addr) & (addr + nbytes <= mem.size_bytes)
-
         def port_addr(addr):
             return addr[self.port_shift :]
 
@@ -159,6 +172,29 @@ class CommandProcessor(wiring.Component):
         layer = Signal(range(max(2, model.layers)))
         count = Signal(count_width)  # generic down/up counter of the running command
         progress = Signal(count_width)
+
+        # The buffers a command names, as DECODE registers them for CHECK: ``placed`` (the address
+        # is aligned and at most the memory size), ``room`` (bytes from the address to the end of
+        # memory), the length in words (``span``, the DMA count) and in bytes (``nbytes``: 4 per
+        # word, padded to port words where the model pads). A buffer fits when it is placed and
+        # nbytes <= room. Buffer 0 is the ROUTE logits, the RUN_EXPERT activations and the
+        # ACC_STORE output; 1 the ROUTE output and the RUN_EXPERT table; 2 the RUN_EXPERT image,
+        # which has no length.
+        placed = Signal(3)
+        room = [Signal(range(mem.size_bytes + 1), name=f"room{i}") for i in range(2)]
+        span = [Signal(count_width, name=f"span{i}") for i in range(2)]
+        nbytes = [Signal(count_width + 3, name=f"nbytes{i}") for i in range(2)]
+        longest = 0xFFFF * max(r.experts, route_words(r.k_max), x_words(model.hidden), model.hidden)
+        assert longest < 1 << count_width
+
+        def buffer(i, addr, length=None, *, pad=False):
+            """Statements registering buffer ``i`` at ``addr`` of ``length`` words."""
+            statements = [placed[i].eq(aligned(addr) & (addr <= mem.size_bytes))]
+            if length is not None:
+                size = length << 2
+                statements += [room[i].eq(mem.size_bytes - addr[: len(room[i])]), span[i].eq(length),
+                               nbytes[i].eq(padded(size) if pad else size)]
+            return statements
 
         m.d.comb += self.error.eq(failure)
         with m.If(self.clear_error):
@@ -245,7 +281,10 @@ class CommandProcessor(wiring.Component):
                         m.d.sync += got.eq(0)
                         m.next = "DECODE"
             with m.State("DECODE"):
+                # the opcode, layer and counts; the buffers go to CHECK (counts above their limits
+                # fail here, so their low 16 bits make the lengths)
                 m.d.comb += self.busy.eq(1)
+                m.d.sync += [placed.eq(0b111), *(length.eq(0) for length in nbytes)]
                 with m.If(failure != 0):
                     m.next = "FETCH"  # discarded: an earlier command failed
                 with m.Elif(op == Command.NOP):
@@ -255,46 +294,55 @@ class CommandProcessor(wiring.Component):
                     m.next = "DONE"
                 with m.Elif(op == Command.ROUTE):
                     n = words[2]
+                    m.d.sync += [layer.eq(words[1]), tokens.eq(n), lane.eq(0), beat.eq(0), progress.eq(0),
+                                 count.eq(0), *buffer(0, words[3], _times(n[:16], r.experts)),
+                                 *buffer(1, words[4], _times(n[:16], route_words(r.k_max)), pad=True)]
                     with m.If(words[1] >= model.layers):
                         fail(ErrorSource.COMMAND, CommandError.BAD_LAYER)
                     with m.Elif((n == 0) | (n > 0xFFFF)):
                         fail(ErrorSource.COMMAND, CommandError.BAD_COUNT)
-                    with m.Elif(~fits(words[3], n * (4 * r.experts))
-                                | ~fits(words[4], padded(n * (4 * route_words(r.k_max))))):
-                        fail(ErrorSource.COMMAND, CommandError.BAD_ADDRESS)
                     with m.Else():
-                        m.d.sync += [layer.eq(words[1]), tokens.eq(n), lane.eq(0), beat.eq(0),
-                                     progress.eq(0), count.eq(0)]
-                        m.next = "ROUTE_START"
+                        m.next = "CHECK"
                 with m.Elif(op == Command.RUN_EXPERT):
                     n = words[2][16:]
+                    m.d.sync += [tokens.eq(n), count.eq(0), progress.eq(0),
+                                 *buffer(0, words[3], _times(n, x_words(model.hidden))),
+                                 *buffer(1, words[4], n), *buffer(2, words[1])]
                     with m.If((n == 0) | (n > model.max_tokens)):
                         fail(ErrorSource.COMMAND, CommandError.BAD_COUNT)
-                    with m.Elif(~aligned(words[1]) | ~fits(words[3], n * (4 * x_words(model.hidden)))
-                                | ~fits(words[4], n * 4)):
-                        fail(ErrorSource.COMMAND, CommandError.BAD_ADDRESS)
                     with m.Else():
-                        m.d.sync += [tokens.eq(n), count.eq(0), progress.eq(0)]
-                        m.next = "TABLE_START"
+                        m.next = "CHECK"
                 with m.Elif((op == Command.ACC_CLEAR) | (op == Command.ACC_STORE)):
                     n = Mux(op == Command.ACC_CLEAR, words[1], words[2])
+                    m.d.sync += [count.eq(_times(n[:16], hidden_tiles)), progress.eq(0), stored_lane.eq(0),
+                                 stored_tile.eq(0), entry_ready.eq(0)]
+                    with m.If(op == Command.ACC_STORE):
+                        m.d.sync += buffer(0, words[1], _times(n[:16], model.hidden), pad=True)
                     with m.If((n == 0) | (n > model.max_tokens)):
                         fail(ErrorSource.COMMAND, CommandError.BAD_COUNT)
-                    with m.Elif((op == Command.ACC_STORE) & ~fits(words[1], padded(n * (4 * model.hidden)))):
-                        fail(ErrorSource.COMMAND, CommandError.BAD_ADDRESS)
                     with m.Else():
-                        m.d.sync += [count.eq(n * hidden_tiles), progress.eq(0), stored_lane.eq(0),
-                                     stored_tile.eq(0), entry_ready.eq(0)]
-                        m.next = "ACC"
+                        m.next = "CHECK"
                 with m.Else():
                     fail(ErrorSource.COMMAND, CommandError.BAD_OPCODE)
+            with m.State("CHECK"):
+                # the buffers DECODE registered
+                m.d.comb += self.busy.eq(1)
+                fit = placed.all() & (nbytes[0] <= room[0]) & (nbytes[1] <= room[1])
+                with m.If(~fit):
+                    fail(ErrorSource.COMMAND, CommandError.BAD_ADDRESS)
+                with m.Elif(op == Command.ROUTE):
+                    m.next = "ROUTE_START"
+                with m.Elif(op == Command.RUN_EXPERT):
+                    m.next = "TABLE_START"
+                with m.Else():
+                    m.next = "ACC"
 
             # ---- ROUTE --------------------------------------------------------------
             with m.State("ROUTE_START"):
                 m.d.comb += [
                     self.busy.eq(1),
-                    *read_cmd(words[3], tokens * r.experts),
-                    *write_cmd(words[4], tokens * route_words(r.k_max)),
+                    *read_cmd(words[3], span[0]),
+                    *write_cmd(words[4], span[1]),
                 ]
                 m.next = "ROUTE_RUN"
             with m.State("ROUTE_RUN"):
@@ -324,7 +372,7 @@ class CommandProcessor(wiring.Component):
             with m.State("TABLE_START"):
                 m.d.comb += [
                     self.busy.eq(1),
-                    *read_cmd(words[4], tokens),
+                    *read_cmd(words[4], span[1]),
                 ]
                 m.d.sync += count.eq(0)  # rows out of range seen
                 m.next = "TABLE"
@@ -362,7 +410,7 @@ class CommandProcessor(wiring.Component):
                     m.d.comb += [
                         engine.run.valid.eq(1),
                         engine.run.payload.eq(tokens),
-                        *read_cmd(words[3], tokens * x_words(model.hidden)),
+                        *read_cmd(words[3], span[0]),
                     ]
                     m.next = "EXPERT"
             with m.State("EXPERT"):
@@ -405,9 +453,7 @@ class CommandProcessor(wiring.Component):
                     with m.If(progress == count - 1):
                         m.next = "DONE"
                 with m.Else():
-                    m.d.comb += [
-                        *write_cmd(words[1], words[2] * model.hidden),
-                    ]
+                    m.d.comb += write_cmd(words[1], span[0])
                     m.next = "STORE"
             with m.State("STORE"):
                 m.d.comb += [self.busy.eq(1), acc_r.addr.eq(progress)]

@@ -92,25 +92,47 @@ def test_processor_matches_the_device_model_on_tiny(errors):
         assert model.error == (ErrorSource.COMMAND << 8 | CommandError.BAD_ADDRESS)
 
 
-def test_bad_commands_set_the_error_named_by_the_model():
-    config = load_config("tiny")
-    cases = [
-        (encode_command(99), CommandError.BAD_OPCODE),
-        (encode_command(Command.ROUTE, 7, 1, 0, 0), CommandError.BAD_LAYER),
-        (encode_command(Command.ROUTE, 0, 0, 0, 0), CommandError.BAD_COUNT),
-        (encode_command(Command.ROUTE, 0, 1, 32, 0), CommandError.BAD_ADDRESS),
-        (encode_command(Command.ACC_STORE, 0, config.model.max_tokens + 1), CommandError.BAD_COUNT),
-        (encode_command(Command.ACC_STORE, config.memory.size_bytes - 64, 4), CommandError.BAD_ADDRESS),
-        (encode_command(Command.RUN_EXPERT, 0, 0, 0, 0), CommandError.BAD_COUNT),
-    ]
-    for words, code in cases:
-        model = DeviceModel(config)
-        model.submit(words + encode_command(Command.FENCE, 5))
-        assert model.error == ErrorSource.COMMAND << 8 | code, code.name
-        assert model.fence == 0  # later commands are discarded
-    state = _simulate(config, [], [words for words, _ in cases])
-    assert state["error"] == ErrorSource.COMMAND << 8 | CommandError.BAD_OPCODE
-    assert state["commands"] == 0
+_TINY = load_config("tiny")
+_END = _TINY.memory.size_bytes
+# tiny: 4 experts (16 logit bytes a token), 3 route words, hidden 16 (64 accumulator bytes a row)
+_COMMANDS = {
+    "opcode": encode_command(99),
+    "layer": encode_command(Command.ROUTE, 7, 1, 0, 0),
+    "route-count": encode_command(Command.ROUTE, 0, 0, 0, 0),
+    "route-misaligned": encode_command(Command.ROUTE, 0, 1, 32, 0),
+    "route-logits-past-end": encode_command(Command.ROUTE, 0, 5, _END - 64, 0),
+    "route-logits-at-end": encode_command(Command.ROUTE, 0, 4, _END - 64, 0),
+    "route-out-past-end": encode_command(Command.ROUTE, 0, 6, 0, _END - 64),
+    "route-beyond-memory": encode_command(Command.ROUTE, 0, 1, _END + 64, 0),
+    "store-count": encode_command(Command.ACC_STORE, 0, _TINY.model.max_tokens + 1),
+    "store-past-end": encode_command(Command.ACC_STORE, _END - 64, 2),
+    "store-at-end": encode_command(Command.ACC_STORE, _END - 64, 1),
+    "clear-count": encode_command(Command.ACC_CLEAR, 0),
+    "expert-count": encode_command(Command.RUN_EXPERT, 0, 0, 0, 0),
+    "expert-image-misaligned": encode_command(Command.RUN_EXPERT, 32, 1 << 16, 0, 0),
+    "expert-image-beyond-memory": encode_command(Command.RUN_EXPERT, _END + 64, 1 << 16, 0, 0),
+    "expert-table-past-end": encode_command(Command.RUN_EXPERT, 0, 1 << 16, 0, _END - 2),
+}
+
+
+@pytest.mark.parametrize("name", list(_COMMANDS))
+def test_command_checks_match_the_device_model(name):
+    """The error a command raises (or none), and that the commands after an error are discarded."""
+    commands = [_COMMANDS[name], encode_command(Command.FENCE, 5)]
+    model = DeviceModel(_TINY)
+    model.submit([word for command in commands for word in command])
+    state = _simulate(_TINY, [], commands)
+    assert (state["error"], state["fence"], state["commands"]) == (model.error, model.fence, model.commands)
+
+
+def test_command_checks_cover_every_command_error():
+    errors = set()
+    for words in _COMMANDS.values():
+        model = DeviceModel(_TINY)
+        model.submit(words)
+        errors.add(model.error)
+    assert {ErrorSource.COMMAND << 8 | code for code in CommandError if code != CommandError.BAD_ROW} <= errors
+    assert 0 in errors
 
 
 @pytest.mark.verilator
