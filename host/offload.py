@@ -472,7 +472,7 @@ def _block_mode(model, router, config):
 
 
 def offload(model, device, *, policy=None, hot=None, calibration=None, quantized=None, block=False,
-            **policy_options):
+            host_cost=None, **policy_options):
     """Put ``model``'s cold experts on ``device``; returns an :class:`Offload` handle.
 
     Parameters
@@ -496,6 +496,9 @@ def offload(model, device, *, policy=None, hot=None, calibration=None, quantized
     block : bool
         Run the whole routed block on the device, router included (:data:`BLOCK_FAMILIES`;
         every expert image must fit in device memory); takes no ``policy`` or ``hot``.
+    host_cost : HostCost or None
+        The host's expert cost to decide and model with; measured (:meth:`HostCost.measure`)
+        when None. Pass one to compare runs on the same footing.
     policy_options
         Passed to the policy (``link`` for ``cost``); ``config`` (an AccelConfig) when
         ``device`` is None.
@@ -524,7 +527,7 @@ def offload(model, device, *, policy=None, hot=None, calibration=None, quantized
     handle = Offload(model, device, config, [profiler.counts[id(m)] for m in modules], block=block)
     handle.routers = routers
     handle.calibration = [torch.cat(profiler.layer_inputs[id(m)]) for m in modules]
-    handle.host_cost = HostCost.measure(modules[0], config.model.max_tokens)
+    handle.host_cost = HostCost.measure(modules[0], config.model.max_tokens) if host_cost is None else host_cost
     if block:
         handle.block_rows = block_rows
     handle.policy = make_policy(policy, handle, hot=hot, **policy_options)

@@ -184,7 +184,6 @@ class Prefetch(Cost):
         if not 1 <= self.width <= experts:
             raise UserError(f"prefetch width must lie in 1..{experts} (experts per layer), not {self.width}")
         self.predicted = [None] * self.layers
-        self.recall = [0, 0]  # predicted and chosen, chosen
         calibration = offload.calibration
         self.predictors = [None] + [_fit_predictor(calibration[layer], calibration[layer + 1],
                                                    offload.routers[layer + 1], ridge)
@@ -206,8 +205,7 @@ class Prefetch(Cost):
         tel = self.offload.telemetry
         predicted = self.predicted[layer]
         if predicted is not None:
-            self.recall[0] += len(predicted & set(experts))
-            self.recall[1] += len(experts)
+            tel.predicted(len(predicted & set(experts)), len(experts))
         placement = super().place(layer, experts, hidden)
         if layer + 1 < self.layers:
             ahead = self._predict(layer + 1, hidden)
@@ -219,7 +217,7 @@ class Prefetch(Cost):
 
     @property
     def recall_rate(self):
-        return self.recall[0] / self.recall[1] if self.recall[1] else float("nan")
+        return self.offload.telemetry.recall()
 
 
 def _fit_predictor(inputs, next_inputs, router, ridge):

@@ -50,6 +50,7 @@ class Telemetry:
         #: model's own routing (block mode).
         self.routed_tokens = [0] * self.layers
         self.routing_differs = [0] * self.layers
+        self.prediction = [0, 0]  # chosen experts that were predicted, chosen experts (prefetch)
 
     def __getitem__(self, index):
         layer, expert = index
@@ -64,6 +65,14 @@ class Telemetry:
     def routed(self, layer, tokens, differ):
         self.routed_tokens[layer] += tokens
         self.routing_differs[layer] += differ
+
+    def predicted(self, hits, chosen):
+        self.prediction[0] += hits
+        self.prediction[1] += chosen
+
+    def recall(self):
+        """Share of the chosen experts a prefetch had predicted (nan: none predicted)."""
+        return self.prediction[0] / self.prediction[1] if self.prediction[1] else float("nan")
 
     def routing_agreement(self):
         """Share of device-routed tokens whose experts equal the model's (nan: none routed)."""

@@ -18,7 +18,7 @@ from transformers.utils import logging as hf_logging
 
 __all__ = [
     "CONTEXT", "VOCAB_SIZE", "calibration_ids", "checkpoint_dir", "decode", "demo_config", "encode", "expert_usage",
-    "generate", "load_demo", "perplexity", "unigram_perplexity",
+    "generate", "load_demo", "perplexity", "teacher_forced", "unigram_perplexity",
 ]
 
 VOCAB_SIZE = 256
@@ -144,6 +144,27 @@ def expert_usage(model, data, *, context=CONTEXT):
 
 
 @torch.no_grad()
+@torch.no_grad()
+def teacher_forced(model, data, steps, *, prompt=64, after_prompt=None):
+    """Decode ``steps`` bytes of ``data`` the way generation does (one forward pass a byte,
+    with the KV cache) after its first ``prompt`` bytes (one pass), but feed each step the
+    true byte: what later steps see does not depend on the model's mistakes. Calls
+    ``after_prompt()`` between the prompt and the first step (to count only the steps);
+    returns how many steps' greedy choice was the true byte."""
+    ids = torch.tensor([encode(data[:prompt + steps + 1])])
+    if ids.shape[1] < prompt + steps + 1:
+        raise ValueError(f"data holds {ids.shape[1]} bytes; prompt {prompt} and {steps} steps need "
+                         f"{prompt + steps + 1}")
+    out = model(input_ids=ids[:, :prompt], use_cache=True)
+    if after_prompt is not None:
+        after_prompt()
+    correct = 0
+    for i in range(prompt, prompt + steps):
+        out = model(input_ids=ids[:, i:i + 1], past_key_values=out.past_key_values, use_cache=True)
+        correct += int(out.logits[0, -1].argmax() == ids[0, i + 1])
+    return correct
+
+
 def generate(model, prompt, n):
     """``prompt`` continued by ``n`` greedily chosen bytes, as text."""
     ids = torch.tensor([encode(prompt)])

@@ -17,7 +17,7 @@ from moegen.host.demo import (
     training_text,
     unigram_perplexity,
 )
-from moegen.host.demo.model import _windows
+from moegen.host.demo.model import _windows, teacher_forced
 from moegen.host.demo.train import train
 
 # held-out bytes the quality tests measure on (a subset keeps them fast on 2 cores)
@@ -125,3 +125,17 @@ def test_perplexity_windows_score_every_byte_once(size, context, stride):
 def test_perplexity_rejects_bad_windows(size, context, stride, match):
     with pytest.raises(ValueError, match=match):
         _windows(size, context, stride)
+
+
+def test_teacher_forced_decoding_scores_what_one_full_pass_scores(model):
+    data = heldout(200)
+    ids = torch.tensor([encode(data)])
+    with torch.no_grad():
+        full = model(input_ids=ids[:, :82], use_cache=False).logits[0]
+    # steps feed bytes 64..80 and predict 65..81
+    expected = int((full[64:81].argmax(-1) == ids[0, 65:82]).sum())
+    prompts = []
+    assert teacher_forced(model, data, 17, prompt=64, after_prompt=lambda: prompts.append(1)) == expected
+    assert prompts == [1]
+    with pytest.raises(ValueError, match="data holds 200 bytes; prompt 150 and 60 steps need 211"):
+        teacher_forced(model, data, 60, prompt=150)
