@@ -24,6 +24,8 @@ engine; :func:`~moegen.hls.model.cycle_errors`; a harness not built yet takes a 
 the model is fitted to (in-sample), over LUTs, FFs, DSPs and block RAMs.
 """
 
+import sys
+
 DESCRIPTION = ("co-design on the demo model: perplexity of int8, 2:4 by magnitude, Wanda, SparseGPT, recovery; "
                "per-layer k and top-p; model errors")
 
@@ -63,15 +65,17 @@ def _resource_model_error():
     return worst
 
 
-def _cycle_model_error(configs):
-    import sys
+def _progress(line):
+    print(line, file=sys.stderr, flush=True)  # stdout carries the figures (--json)
 
+
+def _cycle_model_error(configs):
     from moegen.config import load_config
     from moegen.hls.model import cycle_errors
 
     worst = 0.0
     for name in configs:
-        print(f"cycle model against the {name} harness", file=sys.stderr, flush=True)
+        _progress(f"cycle model against the {name} harness")
         for *_, call, engine in cycle_errors(load_config(name)):
             worst = max(worst, abs(call), abs(engine))
     return worst
@@ -114,9 +118,11 @@ def run(args):
         finally:
             handle.remove()
 
+    _progress(f"float, int8 and int8 2:4 by magnitude: perplexity on {len(heldout)} held-out bytes")
     ppl_float = measure()
     ppl_int8 = int8(model, _variant(config, m=4, n=4))
     ppl_2_4 = int8(model)
+    _progress("Wanda and SparseGPT: profiling and pruning")
 
     _, inputs = profile(model, calibration_ids(PRUNE_WINDOWS), rows=PROFILE_ROWS)
     modules = experts_modules(model)
@@ -126,11 +132,13 @@ def run(args):
               for method in ("wanda", "sparsegpt")}
     recover_seconds = None
     if args.recover_steps:
+        _progress(f"recovery fine-tune: {args.recover_steps} steps")
         start = time.monotonic()
         models["recovered"] = copy.deepcopy(models["sparsegpt"])
         recover(models["recovered"], model, torch.tensor(encode(corpus.training_text())), steps=args.recover_steps,
                 context=CONTEXT)
         recover_seconds = time.monotonic() - start
+    _progress(f"int8 perplexity of {', '.join(models)}")
     ppl = {method: int8(target) for method, target in models.items()}
     best_method = min(ppl, key=ppl.get)
     best = models[best_method]
@@ -142,6 +150,7 @@ def run(args):
             with gated(handle.routers, gating, k_model) as tallies:
                 return measure(best), shares_of(tallies)
 
+        _progress(f"choose-k on {best_method}")
         gating, ppl_best, ppl_k, shares, _ = choose_k(limited, k_model, len(handle.layers), args.ppl_budget)
     finally:
         handle.remove()

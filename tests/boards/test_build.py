@@ -27,6 +27,7 @@ from moegen.boards.top import BoardTop, board_platform
 from moegen.cli import main
 from moegen.config import load_config
 from moegen.errors import UserError
+from moegen.hls.model import resources
 
 
 class Echo(wiring.Component):
@@ -233,6 +234,10 @@ def test_tiny_accelerator_synthesizes_for_the_ulx3s(tmp_path):
     used = {kind: value["used"] for kind, value in report.resources.items()}
     assert 0 < used["dsps"] <= 156 and 0 < used["brams"] <= 208 and 0 < used["luts"] <= 83_640
     assert not (tmp_path / "manifest.json").exists()
+    # the co-design flow's resource model, against this synthesis of today's RTL (issue: 15%)
+    modeled = resources(load_config("tiny"))
+    for kind in ("luts", "ffs", "dsps", "brams"):
+        assert modeled[kind] == pytest.approx(used[kind], rel=0.15), kind
 
 
 def test_bench_boards_reports_every_yowasp_board_failed_or_not(monkeypatch):
