@@ -278,7 +278,9 @@ def _base_config(board):
 def _make_config(base, meta, *, rows, cols, m, n, banks, lanes, images=1, name=None):
     """An AccelConfig for the model of ``meta`` on ``base``'s memory, link and clock."""
     from ..config import AccelConfig
-    from ..golden.formats import ImageLayout
+    from ..golden.device import ALIGN
+    from ..golden.formats import ImageLayout, align_up
+    from ..host.device import batch_bytes
 
     a = base.array
     lay = ImageLayout(meta["hidden"], meta["ffn"], cols, m, n, a.weight_width, a.act_width)
@@ -288,7 +290,11 @@ def _make_config(base, meta, *, rows, cols, m, n, banks, lanes, images=1, name=N
     data["router"].update(experts=meta["experts"], k_max=meta["k"], lanes=lanes)
     data["array"].update(rows=rows, cols=cols, m=m, n=n, acc_width=32)
     data["loader"].update(banks=banks, bank_bytes=1 << max(6, (tile - 1).bit_length()))
-    data["memory"].update(size_bytes=max(4096, -(-images * lay.nbytes // 2048) * 2048))
+    # the images, and one batch of max_tokens rows with k expert calls each above them
+    tokens = base.model.max_tokens
+    need = images * align_up(lay.nbytes, ALIGN) + batch_bytes(meta["hidden"], min(meta["experts"], meta["k"] * tokens),
+                                                              tokens)
+    data["memory"].update(size_bytes=max(4096, align_up(need, 2048)))
     data["model"].update(hidden=meta["hidden"], ffn=meta["ffn"], layers=meta["layers"])
     data["target"]["board"] = base.target.board
     return AccelConfig.from_dict(data)

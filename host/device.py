@@ -46,8 +46,8 @@ from ..golden.router import Routing
 from ..rtl.regmap import ID_VALUE, MAP_VERSION, register_map
 from .link import LinkClient, LinkError, ModelTransport, SerialTransport, SocketTransport
 
-__all__ = ["DEVICES", "Device", "DeviceError", "DeviceMismatch", "DeviceTimeout", "ExpertHandle", "model_link",
-           "open_device"]
+__all__ = ["DEVICES", "Device", "DeviceError", "DeviceMismatch", "DeviceTimeout", "ExpertHandle", "batch_bytes",
+           "model_link", "open_device"]
 
 
 class DeviceError(RuntimeError):
@@ -301,6 +301,14 @@ class Device:
         if time.monotonic() > deadline:
             raise DeviceTimeout(f"commands not done after {self.wait_timeout:.0f} s (STATUS "
                                 f"0x{self.read_reg('STATUS'):08x})")
+
+
+def batch_bytes(hidden, calls, rows):
+    """Device memory a :meth:`Device.run_experts` batch of ``rows`` accumulator rows and up to
+    ``calls`` expert calls takes above the images: per call its activations and table (at
+    most ``rows`` tokens), and the accumulator's result; each buffer ``ALIGN``-aligned."""
+    per_call = align_up(4 * rows * x_words(hidden), ALIGN) + align_up(4 * rows, ALIGN)
+    return calls * per_call + align_up(4 * rows * hidden, ALIGN)
 
 
 class _Arena:

@@ -43,12 +43,12 @@ import torch
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from ..errors import UserError
-from ..golden.device import ALIGN, WEIGHT_ONE, wrap_int32, x_words
+from ..golden.device import ALIGN, WEIGHT_ONE, wrap_int32
 from ..golden.expert import ExpertWeights, expert_int, prune_expert, quantize_activations, quantize_expert
 from ..golden.formats import align_up
 from ..golden.image import write_image
 from ..golden.router import quantize_logits, route
-from .device import DeviceError
+from .device import DeviceError, batch_bytes
 from .link import LinkError, LinkTimeout
 from .policies import make_policy
 from .telemetry import Telemetry
@@ -441,9 +441,8 @@ def _block_rows(config, layers, experts, k):
     images = layers * experts * align_up(config.image_layout.nbytes, ALIGN)
     free = config.memory.size_bytes - images
 
-    def buffers(rows):  # activations and tables of up to k experts per row, the accumulator
-        per_expert = align_up(4 * rows * x_words(model.hidden), ALIGN) + align_up(4 * rows, ALIGN)
-        return min(experts, k * rows) * per_expert + align_up(4 * rows * model.hidden, ALIGN)
+    def buffers(rows):  # up to k expert calls per row
+        return batch_bytes(model.hidden, min(experts, k * rows), rows)
 
     fits = [rows for rows in range(1, model.max_tokens + 1) if buffers(rows) <= free]
     if not fits:

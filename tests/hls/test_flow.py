@@ -59,6 +59,23 @@ def test_emitted_config_and_images_load(compiled):
         assert (expert.gate.layout.m, expert.gate.layout.n) == (config.array.m, config.array.n)
 
 
+@pytest.mark.verilator
+def test_the_emitted_config_runs_its_images_on_its_harness(compiled):
+    from moegen.golden.expert import expert_int
+    from moegen.host.device import open_device
+    from moegen.host.sim import build, launch
+    from moegen.rtl.testbench.device import random_tokens
+
+    config = load_config(str(compiled / "emit" / "config.yaml"))
+    with launch(build(config)) as harness, open_device(config, "sim", address=harness.socket) as device:
+        for path in sorted((compiled / "emit" / "images").iterdir())[:2]:
+            data = path.read_bytes()
+            header, expert = read_image(data, config_hash=config.device_hash, layout=config.image_layout)
+            handle = device.upload_expert(data, expert=header.expert_id)
+            x_q, mult, shift = random_tokens(config, config.model.max_tokens, header.expert_id)
+            assert torch.equal(device.run_expert(handle, x_q, mult, shift), expert_int(x_q, mult, shift, expert))
+
+
 def test_report_figures(compiled):
     report = json.loads((compiled / "emit" / "report.json").read_text())
     k = report["choose-k"]
