@@ -48,7 +48,7 @@ __all__ = [
 _MEM_ISSUE_CYCLES = 1
 #: a finished burst's tag to the next burst's issue (the tag FIFO has a spare entry)
 _TAG_FREE_CYCLES = 0
-#: a command's DECODE and DONE states (FETCH is not busy)
+#: a command's DECODE, CHECK and DONE states, as fitted to the harness (FETCH is not busy)
 _COMMAND_CYCLES = 2
 #: header burst to checked command: CRC of the header, field checks, hand-over to the streamer
 _HEADER_CHECK_CYCLES = 6
