@@ -7,7 +7,8 @@ and 2:4 pruned (:mod:`moegen.hls.prune`) by magnitude (``ppl_int8_2_4``), Wanda 
 SparseGPT (``ppl_sparsegpt``) and SparseGPT followed by ``--recover-steps`` of the recovery
 fine-tune (``ppl_recovered``, distillation from the float model on the training text; 0 skips
 it). Wanda and SparseGPT use a profiling pass over 4 KiB of training text (up to 1024 inputs per
-expert); ``ppl_best`` is the best of the three and ``best_method`` names it. int8 experts are
+expert); ``ppl_best`` is the best of Wanda, SparseGPT and the recovered model (of the first two
+with ``--recover-steps 0``) and ``best_method`` names it. int8 experts are
 golden's integer experts on the host (``offload`` with no device, every expert cold), each
 quantized on its own inputs over 1 KiB of training text. Per-layer gating
 (``macs_saved_per_layer_k``, ``per_layer_k``, ``per_layer_top_p``, ``ppl_per_layer_k``) is the

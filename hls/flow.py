@@ -280,7 +280,7 @@ def _make_config(base, meta, *, rows, cols, m, n, banks, lanes, images=1, name=N
     from ..config import AccelConfig
     from ..golden.device import ALIGN
     from ..golden.formats import ImageLayout, align_up
-    from ..host.device import batch_bytes
+    from ..host.device import batch_bytes, route_bytes
 
     a = base.array
     lay = ImageLayout(meta["hidden"], meta["ffn"], cols, m, n, a.weight_width, a.act_width)
@@ -292,8 +292,9 @@ def _make_config(base, meta, *, rows, cols, m, n, banks, lanes, images=1, name=N
     data["loader"].update(banks=banks, bank_bytes=1 << max(6, (tile - 1).bit_length()))
     # the images, and one batch of max_tokens rows with k expert calls each above them
     tokens = base.model.max_tokens
-    need = images * align_up(lay.nbytes, ALIGN) + batch_bytes(meta["hidden"], min(meta["experts"], meta["k"] * tokens),
-                                                              tokens)
+    calls = min(meta["experts"], meta["k"] * tokens)
+    need = images * align_up(lay.nbytes, ALIGN) + max(batch_bytes(meta["hidden"], tokens, calls, meta["k"] * tokens),
+                                                      route_bytes(meta["experts"], meta["k"], tokens))
     data["memory"].update(size_bytes=max(4096, align_up(need, 2048)))
     data["model"].update(hidden=meta["hidden"], ffn=meta["ffn"], layers=meta["layers"])
     data["target"]["board"] = base.target.board

@@ -81,6 +81,9 @@ def obs_prune(weight, hessian, m, n, *, dampening=DAMPENING, block=OBS_BLOCK):
     rows, cols = weight.shape
     if cols % n:
         raise ValueError(f"obs_prune needs the reduction axis ({cols}) to be a multiple of n={n}")
+    if block < 1 or block % n:
+        raise ValueError(f"obs_prune's block ({block}) must be a positive multiple of n={n}: a group may not "
+                         f"straddle two blocks")
     w = weight.double().clone()
     h = hessian.double().clone()
     dead = torch.diag(h) == 0

@@ -47,7 +47,7 @@ from ..rtl.regmap import ID_VALUE, MAP_VERSION, register_map
 from .link import LinkClient, LinkError, ModelTransport, SerialTransport, SocketTransport
 
 __all__ = ["DEVICES", "Device", "DeviceError", "DeviceMismatch", "DeviceTimeout", "ExpertHandle", "batch_bytes",
-           "model_link", "open_device"]
+           "model_link", "open_device", "route_bytes"]
 
 
 class DeviceError(RuntimeError):
@@ -303,12 +303,16 @@ class Device:
                                 f"0x{self.read_reg('STATUS'):08x})")
 
 
-def batch_bytes(hidden, calls, rows):
-    """Device memory a :meth:`Device.run_experts` batch of ``rows`` accumulator rows and up to
-    ``calls`` expert calls takes above the images: per call its activations and table (at
-    most ``rows`` tokens), and the accumulator's result; each buffer ``ALIGN``-aligned."""
-    per_call = align_up(4 * rows * x_words(hidden), ALIGN) + align_up(4 * rows, ALIGN)
-    return calls * per_call + align_up(4 * rows * hidden, ALIGN)
+def batch_bytes(hidden, rows, calls, tokens):
+    """Device memory a :meth:`Device.run_experts` batch takes above the images, at most: ``rows``
+    accumulator rows and ``calls`` expert calls carrying ``tokens`` token rows in all (each
+    call's activations and table, and the accumulator's result, each ``ALIGN``-aligned)."""
+    return 4 * tokens * (x_words(hidden) + 1) + 2 * calls * ALIGN + align_up(4 * rows * hidden, ALIGN)
+
+
+def route_bytes(experts, k_max, rows):
+    """Device memory a :meth:`Device.route` of ``rows`` tokens takes above the images."""
+    return align_up(4 * rows * experts, ALIGN) + align_up(4 * rows * route_words(k_max), ALIGN)
 
 
 class _Arena:

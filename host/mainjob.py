@@ -10,9 +10,9 @@ Steps, each shown as it runs:
 4. the same split computed on the host with golden's integer experts (the int8 reference)
    and with every expert int8 on the host;
 5. perplexity and greedy generation, offloaded and reference;
-6. block mode (``--block``, on by default when every expert fits in device memory): the
-   whole routed MoE block on the device, router included; perplexity against golden's
-   block on the host, and how often the device's routing differed from the model's;
+6. block mode (when every expert fits in device memory, unless ``--no-block``; ``--block``
+   insists): the whole routed MoE block on the device, router included; perplexity against
+   golden's block on the host, and how often the device's routing differed from the model's;
 7. the report: placement, hit rate, device cycles, link bytes, modeled time per token at
    the board clock over UART and PCIe, perplexities, and whether the offloaded text is
    identical to the reference's.
@@ -38,8 +38,9 @@ def add_arguments(parser):
     parser.add_argument("--generate", type=int, default=48, help="bytes to generate (default: 48)")
     parser.add_argument("--checkpoint", help="a MixtralForCausalLM checkpoint folder of the demo's shapes "
                         "(default: the shipped demo model)")
-    parser.add_argument("--block", action=argparse.BooleanOptionalAction, default=True,
-                        help="also run the whole MoE block, router included, on the device (default: on)")
+    parser.add_argument("--block", action=argparse.BooleanOptionalAction, default=None,
+                        help="also run the whole MoE block, router included, on the device (default: when every "
+                        "expert fits in device memory)")
     parser.add_argument("--plot", help="write the placement and hit-rate plot to this PNG file")
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
 
@@ -61,7 +62,7 @@ def run(args):
     from .demo import corpus
     from .demo.model import CONTEXT, calibration_ids, generate, load_demo, perplexity
     from .device import open_device
-    from .offload import offload
+    from .offload import block_rows, offload
     from .policies import LINKS
     from .sim import build, launch
 
@@ -82,11 +83,22 @@ def run(args):
     context = min(CONTEXT, args.heldout)
     measure = {"context": context, "stride": context // 2}
 
+    experts, k = model.config.num_local_experts, model.config.num_experts_per_tok
+    try:
+        block_rows(config, model.config.num_hidden_layers, experts, k)
+        run_block = args.block is not False
+    except UserError as error:
+        if args.block:
+            raise
+        step(f"block mode skipped: {error}")
+        run_block = False
+
     step(f"float perplexity on {len(heldout)} held-out bytes")
     ppl_float = perplexity(model, heldout, **measure)
 
     step("int8: every expert pruned and quantized, computed on the host")
     all_int8 = offload(model, None, policy="static", hot=0, calibration=calibration, config=config)
+    host_cost = all_int8.host_cost  # one host timing for every run below: cost-driven placements agree
     ppl_int8 = perplexity(model, heldout, **measure)
     all_int8.remove()
 
@@ -94,7 +106,7 @@ def run(args):
     # the experts converted once, for every split below
     quantized = [layer.quantized for layer in all_int8.layers]
     reference = offload(model, None, policy=args.policy, hot=args.hot, calibration=calibration, config=config,
-                        quantized=quantized)
+                        quantized=quantized, host_cost=host_cost)
     ppl_reference = perplexity(model, heldout, **measure)
     text_reference = generate(model, args.prompt, args.generate)
     reference.remove()
@@ -103,7 +115,7 @@ def run(args):
     with launch(binary) as harness, open_device(config, "sim", address=harness.socket, timeout=5.0) as device:
         step(f"offloading: policy {args.policy}, hot {args.hot}; converting and uploading cold experts")
         handle = offload(model, device, policy=args.policy, hot=args.hot, calibration=calibration,
-                         quantized=quantized)
+                         quantized=quantized, host_cost=host_cost)
         uploaded = len(device.experts)
         step(f"perplexity with cold experts on the simulated device ({uploaded} experts resident there)")
         ppl_offloaded = perplexity(model, heldout, **measure)
@@ -112,7 +124,7 @@ def run(args):
         text_offloaded = generate(model, args.prompt, args.generate)
         counters = device.counters()
         handle.remove()
-        block = _block(args, model, device, step, quantized, calibration, heldout, measure) if args.block else None
+        block = _block(model, device, step, quantized, calibration, heldout, measure) if run_block else None
         summary = harness.stop()
     telemetry = handle.telemetry
     tokens = tokens_ppl + args.generate
@@ -149,7 +161,7 @@ def run(args):
     return 0 if same else 1
 
 
-def _block(args, model, device, step, quantized, calibration, heldout, measure):
+def _block(model, device, step, quantized, calibration, heldout, measure):
     """Block mode on the same device: every expert and the router there; perplexity against
     golden's block on the host."""
     from .demo.model import perplexity
@@ -167,7 +179,8 @@ def _block(args, model, device, step, quantized, calibration, heldout, measure):
     t = handle.telemetry
     return {"perplexity": ppl, "perplexity_reference": ppl_reference, "equals_reference": ppl == ppl_reference,
             "experts_on_device": len(device.experts), "routed_tokens": sum(t.routed_tokens),
-            "routing_agreement": t.routing_agreement(), "device_cycles": t.totals().device_cycles,
+            "routing_agreement": t.routing_agreement(),
+            "device_cycles": t.totals().device_cycles + sum(cycles for _, cycles, *_ in t.routes),
             "rows_per_batch": handle.block_rows}
 
 

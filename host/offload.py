@@ -48,13 +48,13 @@ from ..golden.expert import ExpertWeights, expert_int, prune_expert, quantize_ac
 from ..golden.formats import align_up
 from ..golden.image import write_image
 from ..golden.router import quantize_logits, route
-from .device import DeviceError, batch_bytes
+from .device import DeviceError, batch_bytes, route_bytes
 from .link import LinkError, LinkTimeout
 from .policies import make_policy
 from .telemetry import Telemetry
 
 __all__ = ["BLOCK_FAMILIES", "IMPLEMENTATION", "SUPPORTED_FAMILIES", "HostCost", "Offload", "OffloadedLayer",
-           "Profiler", "experts_modules", "float_expert", "offload"]
+           "Profiler", "block_rows", "experts_modules", "float_expert", "offload"]
 
 #: The name moegen registers in transformers' ExpertsInterface.
 IMPLEMENTATION = "moegen"
@@ -193,7 +193,9 @@ class OffloadedLayer:
         if off.block:
             return self._block(hidden_states, top_k_index).to(hidden_states.device, hidden_states.dtype)
         out = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
-        chosen = [e for e in top_k_index.unique().tolist() if e < self.experts]
+        picked = top_k_index[(top_k_index >= 0) & (top_k_index < self.experts)]
+        counts = torch.bincount(picked.flatten().cpu(), minlength=self.experts)
+        chosen = {e: int(counts[e]) for e in counts.nonzero().flatten().tolist()}
         placement = off.policy.place(self.index, chosen, hidden_states)
         device_experts = []
         for e in chosen:
@@ -256,7 +258,7 @@ class OffloadedLayer:
             off.telemetry.routed(self.index, stop - start,
                                  int((chosen.sort(-1).values != model_sets[start:stop]).any(-1).sum()))
             experts = chosen[chosen >= 0].unique().tolist()
-            off.policy.place(self.index, experts, None)  # all resident on the device: counts the hits
+            off.policy.place(self.index, dict.fromkeys(experts, 0), None)  # all resident there: counts the hits
             calls = []
             for e in experts:
                 rows, slot = torch.where(chosen == e)
@@ -265,34 +267,41 @@ class OffloadedLayer:
         return total.float()
 
     def _route(self, logits):
-        """Device routing of fixed-point logits; golden's router when the device fails."""
+        """Device routing of fixed-point logits (its cycles and link bytes counted); golden's
+        router when there is no device or it fails."""
+        r = self.offload.config.router
+        routing, cycles, sent, received, fallback = self._on_device(
+            lambda device: device.route(logits, layer=self.index))
+        if routing is None:
+            routing = route(logits, k=self.k, mode=r.mode, logit_frac=r.logit_frac, weight_width=r.weight_width)
+        self.offload.telemetry.route_call(self.index, cycles=cycles, link_bytes=sent + received, fallback=fallback)
+        return routing
+
+    def _on_device(self, call):
+        """``call(device)`` with its busy cycles and link bytes: ``(result, cycles, bytes out,
+        bytes in, fallback)``; result None when there is no device or the call failed (one
+        warning)."""
         off = self.offload
-        if off.device is not None:
-            try:
-                return off.device.route(logits, layer=self.index)
-            except (DeviceError, LinkError, LinkTimeout, OSError) as error:
-                off.warn_fallback(error)
-        r = off.config.router
-        return route(logits, k=self.k, mode=r.mode, logit_frac=r.logit_frac, weight_width=r.weight_width)
+        device = off.device
+        if device is None:
+            return None, 0, 0, 0, False
+        stats = device.link.stats
+        sent, received, counters = stats["bytes_out"], stats["bytes_in"], off.device_counters()
+        try:
+            result = call(device)
+            cycles, fallback = off.device_counters() - counters, False
+        except (DeviceError, LinkError, LinkTimeout, OSError) as error:
+            off.warn_fallback(error)
+            result, cycles, fallback = None, 0, True
+        return result, cycles, stats["bytes_out"] - sent, stats["bytes_in"] - received, fallback
 
     def _run(self, batch, rows):
         """One device batch; the golden reference when there is no device or it fails."""
         off = self.offload
-        device = off.device
         start = time.perf_counter()
-        fallback, cycles, sent, received = device is not None, 0, 0, 0
-        if device is not None:
-            stats = device.link.stats
-            sent, received, counters = stats["bytes_out"], stats["bytes_in"], off.device_counters()
-            calls = [(self.handles[e], x_q, mult, shift, r.tolist(), w.tolist()) for e, x_q, mult, shift, r, w in batch]
-            try:
-                acc = device.run_experts(calls, rows)
-                fallback = False
-                cycles = off.device_counters() - counters
-            except (DeviceError, LinkError, LinkTimeout, OSError) as error:
-                off.warn_fallback(error)
-            sent, received = stats["bytes_out"] - sent, stats["bytes_in"] - received
-        if device is None or fallback:
+        calls = [(self.handles.get(e), x_q, mult, shift, r.tolist(), w.tolist()) for e, x_q, mult, shift, r, w in batch]
+        acc, cycles, sent, received, fallback = self._on_device(lambda device: device.run_experts(calls, rows))
+        if acc is None:
             acc = self.reference(batch, rows)
         elapsed = time.perf_counter() - start
         tokens = sum(len(b[1]) for b in batch)
@@ -434,21 +443,24 @@ def _router_of(model, experts):
     raise UserError(f"{type(model).__name__}: no router next to an experts module")
 
 
-def _block_rows(config, layers, experts, k):
-    """Rows per device batch when all ``layers x experts`` images are on the device: the
-    most (up to ``max_tokens``) whose buffers fit above them; a clear error when none do."""
-    model = config.model
-    images = layers * experts * align_up(config.image_layout.nbytes, ALIGN)
+def block_rows(config, layers, experts, k, floor=0):
+    """Rows per device batch when all ``layers x experts`` images are on the device above
+    ``floor`` bytes already used: the most (up to ``max_tokens``) whose buffers fit above
+    them; a :class:`UserError` when none do."""
+    model, r = config.model, config.router
+    images = floor + layers * experts * align_up(config.image_layout.nbytes, ALIGN)
     free = config.memory.size_bytes - images
 
-    def buffers(rows):  # up to k expert calls per row
-        return batch_bytes(model.hidden, min(experts, k * rows), rows)
+    def buffers(rows):  # up to k expert calls per row, or the routing of the rows
+        return max(batch_bytes(model.hidden, rows, min(experts, k * rows), k * rows),
+                   route_bytes(r.experts, r.k_max, rows))
 
     fits = [rows for rows in range(1, model.max_tokens + 1) if buffers(rows) <= free]
     if not fits:
-        raise UserError(f"block mode needs all {layers} x {experts} expert images on the device ({images} bytes) "
-                        f"plus {buffers(1)} bytes of buffers; config {config.name!r} has memory.size_bytes "
-                        f"{config.memory.size_bytes}: use a larger memory or offload without block=True")
+        raise UserError(f"block mode needs all {layers} x {experts} expert images on the device ({images} bytes "
+                        f"with what is there) plus {buffers(1)} bytes of buffers; config {config.name!r} has "
+                        f"memory.size_bytes {config.memory.size_bytes}: use a larger memory or offload without "
+                        f"block=True")
     return fits[-1]
 
 
@@ -513,7 +525,8 @@ def offload(model, device, *, policy=None, hot=None, calibration=None, quantized
             raise UserError("block=True runs every expert on the device: give no policy or hot")
         for router in routers:
             _block_mode(model, router, config)
-        block_rows = _block_rows(config, len(modules), experts, routers[0].top_k)
+        rows = block_rows(config, len(modules), experts, routers[0].top_k,
+                          0 if device is None else device.images_end)
         policy, hot = "static", 0
     policy = "static" if policy is None else policy
     hot = max(1, experts // 4) if hot is None else hot
@@ -528,7 +541,7 @@ def offload(model, device, *, policy=None, hot=None, calibration=None, quantized
     handle.calibration = [torch.cat(profiler.layer_inputs[id(m)]) for m in modules]
     handle.host_cost = HostCost.measure(modules[0], config.model.max_tokens) if host_cost is None else host_cost
     if block:
-        handle.block_rows = block_rows
+        handle.block_rows = rows
     handle.policy = make_policy(policy, handle, hot=hot, **policy_options)
     for index, module in enumerate(modules):
         experts_q = quantized[index] if quantized is not None else _quantize(module, profiler, config)

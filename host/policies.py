@@ -1,7 +1,8 @@
 """Placement policies: for each MoE layer step, where each chosen expert runs.
 
 A policy answers ``place(layer, experts, hidden) -> {expert: "host" | "move" | "device"}``
-(see :mod:`moegen.host.offload`) and ``uses_device(layer, expert)`` (which images to upload).
+(``experts`` maps each chosen expert to its token count; see :mod:`moegen.host.offload`) and
+``uses_device(layer, expert)`` (which images to upload).
 The host holds ``hot`` experts per layer. Registered by name in :data:`POLICIES`:
 
 * ``static``: the ``hot`` experts the profiling pass chose most stay on the host, every
@@ -17,17 +18,20 @@ The host holds ``hot`` experts per layer. Registered by name in :data:`POLICIES`
   time; experts still missing go wherever ``cost``'s rule finds cheaper (for its
   ``link``). ``recall`` reports how many of the experts a layer chose had been predicted;
 * ``cost``: an LRU cache, filled at first with the profiling pass's most chosen experts (as
-  ``static`` keeps them), whose misses go wherever is cheaper by the measured costs: the
-  device (its cycles per token so far at the board clock plus activation bytes over the
-  link) or a move (the weights over the link, then the host's compute by its measured
+  ``static`` keeps them), whose misses go wherever is cheaper: the device (its modeled
+  cycles for the expert's tokens at the board clock plus activation bytes over the link) or
+  a move (the weights over the link, then the host's compute by its measured
   :class:`~moegen.host.offload.HostCost`).
 """
 
+import inspect
 from collections import OrderedDict
 
 import torch
 
 from ..errors import UserError
+from ..golden.device import x_words
+from ..hls.model import call_cycles
 
 __all__ = ["LINKS", "POLICIES", "ModeledLink", "Policy", "make_policy"]
 
@@ -139,8 +143,9 @@ class Cost(LRU):
         if link not in LINKS:
             raise UserError(f"unknown link {link!r}; known links: {', '.join(LINKS)}")
         self.link = LINKS[link]
-        for layer, frequency in enumerate(offload.frequency):  # start from the profiling pass's hot set
-            for e in torch.argsort(frequency, descending=True, stable=True)[:hot].tolist():
+        for layer, frequency in enumerate(offload.frequency):  # start from the profiling pass's hot set,
+            hottest = torch.argsort(frequency, descending=True, stable=True)[:hot].tolist()
+            for e in reversed(hottest):  # the hottest admitted last, evicted last
                 self.cache[layer][e] = True
 
     def uses_device(self, layer, expert):
@@ -148,12 +153,16 @@ class Cost(LRU):
 
     def _miss(self, layer, e, tokens):
         """Where a missing expert runs: ``move`` (admitted to the cache) or ``device``,
-        whichever the link, the host's compute and the device's cycles so far make cheaper."""
+        whichever the link, the host's compute and the device's cycles make cheaper. The
+        cycles come from the cycle model (:func:`moegen.hls.model.call_cycles`, checked
+        against the harness), so a run with golden in place of the device decides alike."""
         config = self.offload.config
         move_s = self.link.seconds(self.offload.expert_bytes) + self.offload.host_cost.seconds(1, tokens)
-        act_bytes = tokens * (4 + config.model.hidden) + tokens * 4 * config.model.hidden
-        device_s = self.offload.telemetry.device_cycles_per_token() * tokens / (config.target.clock_mhz * 1e6) \
-            + self.link.seconds(act_bytes, requests=4)
+        # activations with their factors and a table word out, the int32 accumulator back
+        act_bytes = tokens * (4 * x_words(config.model.hidden) + 4 + 4 * config.model.hidden)
+        most = config.model.max_tokens  # the device takes max_tokens rows a batch
+        cycles = sum(call_cycles(config, min(most, tokens - start)) for start in range(0, tokens, most))
+        device_s = cycles / (config.target.clock_mhz * 1e6) + self.link.seconds(act_bytes, 4)
         if move_s < device_s:
             self._admit(layer, e)
             return "move"
@@ -169,7 +178,7 @@ class Cost(LRU):
                 self._admit(layer, e)
                 placement[e] = "host"
             else:
-                placement[e] = self._miss(layer, e, hidden.shape[0])
+                placement[e] = self._miss(layer, e, experts[e])
         return placement
 
 
@@ -180,6 +189,8 @@ class Prefetch(Cost):
         super().__init__(offload, hot=hot, link=link)
         k = offload.model.config.num_experts_per_tok
         experts = len(offload.frequency[0])
+        if not ridge > 0:
+            raise UserError(f"prefetch ridge must be positive, not {ridge!r}")
         self.width = k + 1 if width is None else width
         if not 1 <= self.width <= experts:
             raise UserError(f"prefetch width must lie in 1..{experts} (experts per layer), not {self.width}")
@@ -236,4 +247,9 @@ POLICIES = {cls.name: cls for cls in (Static, LRU, LFU, Prefetch, Cost)}
 def make_policy(name, offload, *, hot, **options):
     if name not in POLICIES:
         raise UserError(f"unknown policy {name!r}; known policies: {', '.join(POLICIES)}")
-    return POLICIES[name](offload, hot=hot, **options)
+    cls = POLICIES[name]
+    known = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "offload", "hot")]
+    for option in options:
+        if option not in known:
+            raise UserError(f"policy {name!r} takes no option {option!r}; its options: {', '.join(known) or 'none'}")
+    return cls(offload, hot=hot, **options)

@@ -1,9 +1,9 @@
 """What the offload did, per layer and expert: calls, tokens, hits, bytes, cycles, time.
 
 :class:`Telemetry` is filled by :mod:`moegen.host.offload` and the policies. ``report()`` is
-a text table per layer; ``summary(link)`` the totals and the modeled decode time with a
-:class:`~moegen.host.policies.ModeledLink`; ``plot(path)`` a placement heat map and the hit
-rate over time (matplotlib, no display needed).
+a text table per layer; ``summary(link, clock_mhz=, tokens=, host_cost=)`` the totals and the
+modeled decode time with a :class:`~moegen.host.policies.ModeledLink`; ``plot(path)`` a
+placement heat map and the hit rate over time (matplotlib, no display needed).
 """
 
 from dataclasses import dataclass, fields
@@ -51,6 +51,8 @@ class Telemetry:
         self.routed_tokens = [0] * self.layers
         self.routing_differs = [0] * self.layers
         self.prediction = [0, 0]  # chosen experts that were predicted, chosen experts (prefetch)
+        #: Per layer, ROUTE commands (block mode): calls, device cycles, link bytes, fallbacks.
+        self.routes = [[0, 0, 0, 0] for _ in range(self.layers)]
 
     def __getitem__(self, index):
         layer, expert = index
@@ -73,6 +75,13 @@ class Telemetry:
     def recall(self):
         """Share of the chosen experts a prefetch had predicted (nan: none predicted)."""
         return self.prediction[0] / self.prediction[1] if self.prediction[1] else float("nan")
+
+    def route_call(self, layer, *, cycles, link_bytes, fallback):
+        counts = self.routes[layer]
+        counts[0] += 1
+        counts[1] += cycles
+        counts[2] += link_bytes
+        counts[3] += fallback
 
     def routing_agreement(self):
         """Share of device-routed tokens whose experts equal the model's (nan: none routed)."""
@@ -117,10 +126,6 @@ class Telemetry:
                     setattr(total, f.name, getattr(total, f.name) + getattr(c, f.name))
         return total
 
-    def device_cycles_per_token(self):
-        t = self.totals()
-        return t.device_cycles / t.device_tokens if t.device_tokens else 1e4
-
     def hit_rate(self):
         return float(np.mean(self.sequence)) if self.sequence else float("nan")
 
@@ -134,7 +139,9 @@ class Telemetry:
         # on-demand moves stall the step; prefetches overlap with compute
         moved_bytes = t.weight_bytes * t.moves / max(1, t.moves + t.prefetches)
         moved_s = link.seconds(moved_bytes, t.moves)
-        device_s = t.device_cycles / (clock_mhz * 1e6) + link.seconds(t.bytes_out + t.bytes_in, 4 * device_calls)
+        routes, route_cycles, route_bytes, route_fallbacks = (sum(column) for column in zip(*self.routes, strict=True))
+        device_s = (t.device_cycles + route_cycles) / (clock_mhz * 1e6) \
+            + link.seconds(t.bytes_out + t.bytes_in + route_bytes, 4 * (device_calls + routes))
         total_s = host_s + moved_s + device_s
         return {
             "link": link.name,
@@ -145,9 +152,10 @@ class Telemetry:
             "moves": t.moves,
             "prefetches": t.prefetches,
             "weight_bytes_moved": t.weight_bytes,
-            "link_bytes_device": t.bytes_out + t.bytes_in,
-            "device_cycles": t.device_cycles,
-            "fallbacks": t.fallbacks,
+            "link_bytes_device": t.bytes_out + t.bytes_in + route_bytes,
+            "device_cycles": t.device_cycles + route_cycles,
+            "route_calls": routes,
+            "fallbacks": t.fallbacks + route_fallbacks,
             "host_s": host_s,
             "host_s_measured": t.host_s,
             "modeled_s_per_token": total_s / max(1, tokens),

@@ -144,7 +144,6 @@ def expert_usage(model, data, *, context=CONTEXT):
 
 
 @torch.no_grad()
-@torch.no_grad()
 def teacher_forced(model, data, steps, *, prompt=64, after_prompt=None):
     """Decode ``steps`` bytes of ``data`` the way generation does (one forward pass a byte,
     with the KV cache) after its first ``prompt`` bytes (one pass), but feed each step the
@@ -165,6 +164,7 @@ def teacher_forced(model, data, steps, *, prompt=64, after_prompt=None):
     return correct
 
 
+@torch.no_grad()
 def generate(model, prompt, n):
     """``prompt`` continued by ``n`` greedily chosen bytes, as text."""
     ids = torch.tensor([encode(prompt)])

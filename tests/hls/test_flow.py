@@ -61,19 +61,34 @@ def test_emitted_config_and_images_load(compiled):
 
 @pytest.mark.verilator
 def test_the_emitted_config_runs_its_images_on_its_harness(compiled):
+    """Every image the config sizes its memory for, then the largest batch the plugin sends
+    (k experts for each of max_tokens rows), bit-exact against golden."""
+    from moegen.golden.device import WEIGHT_ONE
     from moegen.golden.expert import expert_int
     from moegen.host.device import open_device
     from moegen.host.sim import build, launch
     from moegen.rtl.testbench.device import random_tokens
 
     config = load_config(str(compiled / "emit" / "config.yaml"))
+    report = json.loads((compiled / "emit" / "report.json").read_text())
+    paths = sorted((compiled / "emit" / "images").iterdir())[:report["size-hardware"]["images_in_memory"]]
+    rows, k = config.model.max_tokens, config.router.k_max
+    x_q, mult, shift = random_tokens(config, rows, 7)
     with launch(build(config)) as harness, open_device(config, "sim", address=harness.socket) as device:
-        for path in sorted((compiled / "emit" / "images").iterdir())[:2]:
+        experts = []
+        for path in paths:
             data = path.read_bytes()
             header, expert = read_image(data, config_hash=config.device_hash, layout=config.image_layout)
-            handle = device.upload_expert(data, expert=header.expert_id)
-            x_q, mult, shift = random_tokens(config, config.model.max_tokens, header.expert_id)
-            assert torch.equal(device.run_expert(handle, x_q, mult, shift), expert_int(x_q, mult, shift, expert))
+            experts.append((device.upload_expert(data, expert=header.expert_id), expert))
+        calls = [experts[(row * k + j) % len(experts)] for row in range(rows) for j in range(k)]
+        batch, expected = [], torch.zeros(rows, config.model.hidden, dtype=torch.int64)
+        for index in range(min(len(experts), k * rows)):  # each expert call on the rows that chose it
+            chosen = [i // k for i, call in enumerate(calls) if call is experts[index]]
+            handle, expert = experts[index]
+            weight = WEIGHT_ONE // 2
+            batch.append((handle, x_q[chosen], mult[chosen], shift[chosen], chosen, [weight] * len(chosen)))
+            expected[chosen] += weight * expert_int(x_q[chosen], mult[chosen], shift[chosen], expert)
+        assert torch.equal(device.run_experts(batch, rows), expected)
 
 
 def test_report_figures(compiled):

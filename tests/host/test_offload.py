@@ -74,12 +74,13 @@ def test_offloaded_logits_equal_the_host_int8_reference_and_stay_near_float(fami
     assert cos > 0.9
 
 
-def test_a_failing_device_falls_back_to_the_host_with_the_same_output():
+@pytest.mark.parametrize("how", [{"policy": "static", "hot": 1}, {"block": True}], ids=["static", "block"])
+def test_a_failing_device_falls_back_to_the_host_with_the_same_output(how):
     config = load_config("tiny")
     model = _family("mixtral").eval()
     ids = _ids(3)
     with open_device(config, "model", timeout=0.01, retries=2) as device:
-        handle = offload(model, device, policy="static", hot=1, calibration=_ids(2, 2))
+        handle = offload(model, device, calibration=_ids(2, 2), **how)
         with torch.no_grad():
             good = model(input_ids=ids).logits
 
@@ -98,6 +99,8 @@ def test_a_failing_device_falls_back_to_the_host_with_the_same_output():
             fallen = model(input_ids=ids).logits
         assert torch.equal(fallen, good)
         assert handle.telemetry.totals().fallbacks > 0
+        if "block" in how:  # golden's router took over as well
+            assert all(fallbacks > 0 for *_, fallbacks in handle.telemetry.routes)
         handle.remove()
 
 
@@ -242,12 +245,45 @@ def test_cost_moves_over_a_fast_link_and_runs_on_the_device_over_a_slow_one():
 
     stub = SimpleNamespace(config=load_config("default"), frequency=[torch.zeros(8)], telemetry=Telemetry(1, 8),
                            expert_bytes=64384, host_cost=HostCost(30e-6, 2e-6))
-    stub.telemetry.device_call(0, 0, 1, cycles=9000, bytes_out=0, bytes_in=0, seconds=0.0, fallback=False)
     hidden = torch.zeros(1, 128)
-    # PCIe: 64 KB in ~20 us plus 32 us on the host beats 90 us of device cycles
-    assert Cost(stub, hot=1, link="pcie-gen3-x4").place(0, [3], hidden) == {3: "move"}
+    # PCIe: 64 KB in ~20 us plus 32 us on the host beats ~90 us of modeled device cycles
+    assert Cost(stub, hot=1, link="pcie-gen3-x4").place(0, {3: 1}, hidden) == {3: "move"}
     # UART: the same move takes ~215 ms, the device call ~2 ms
-    assert Cost(stub, hot=1, link="uart-3m").place(0, [3], hidden) == {3: "device"}
+    assert Cost(stub, hot=1, link="uart-3m").place(0, {3: 1}, hidden) == {3: "device"}
+
+
+def test_cost_starts_from_the_hot_set_and_evicts_its_coldest_first():
+    from moegen.host.offload import HostCost
+    from moegen.host.policies import Cost
+    from moegen.host.telemetry import Telemetry
+
+    frequency = torch.tensor([50, 40, 30, 1, 1, 1, 1, 1])
+    stub = SimpleNamespace(config=load_config("default"), frequency=[frequency], telemetry=Telemetry(1, 8),
+                           expert_bytes=64384, host_cost=HostCost(30e-6, 2e-6))
+    policy = Cost(stub, hot=3)
+    assert policy.place(0, {5: 1}, torch.zeros(1, 128)) == {5: "move"}
+    assert sorted(policy.cache[0]) == [0, 1, 5]  # expert 2, the coldest of the hot set, made room
+
+
+def test_policy_options_are_checked_by_name():
+    config = load_config("tiny")
+    model = _family("mixtral").eval()
+    with open_device(config, "model") as device:
+        with pytest.raises(UserError, match="policy 'static' takes no option 'width'; its options: none"):
+            offload(model, device, policy="static", calibration=_ids(1), width=3)
+        with pytest.raises(UserError, match="policy 'cost' takes no option 'widht'; its options: link"):
+            offload(model, device, policy="cost", calibration=_ids(1), widht=3)
+        with pytest.raises(UserError, match="prefetch ridge must be positive, not 0"):
+            offload(model, device, policy="prefetch", calibration=_ids(1), ridge=0)
+
+
+def test_host_cost_is_measured_and_linear_in_calls_and_tokens():
+    from moegen.host.offload import HostCost
+
+    module = experts_modules(_family("mixtral"))[0]
+    cost = HostCost.measure(module, 4, repeats=3)
+    assert cost.call_s > 0 or cost.token_s > 0
+    assert cost.seconds(2, 10) == pytest.approx(2 * cost.call_s + 10 * cost.token_s)
 
 
 def test_prefetch_admits_the_likeliest_experts_last_so_a_small_cache_keeps_them():
@@ -264,7 +300,7 @@ def test_prefetch_admits_the_likeliest_experts_last_so_a_small_cache_keeps_them(
     policy = Prefetch(stub, hot=2, width=3)
     # a predictor whose logits are 3, 2, 1, 0 for experts 1, 3, 0, 2 whatever the input
     policy.predictors[1] = (torch.zeros(16, 4), torch.tensor([1.0, 3.0, 0.0, 2.0]))
-    policy.place(0, [0], torch.zeros(2, 16))
+    policy.place(0, {0: 2}, torch.zeros(2, 16))
     assert policy.predicted[1] == {1, 3, 0}
     assert list(policy.cache[1]) == [3, 1]  # expert 0 admitted first, then evicted
-    assert policy.place(1, [1, 3], torch.zeros(2, 16)) == {1: "host", 3: "host"}
+    assert policy.place(1, {1: 1, 3: 1}, torch.zeros(2, 16)) == {1: "host", 3: "host"}

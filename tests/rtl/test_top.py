@@ -111,7 +111,9 @@ _COMMANDS = {
     "expert-count": encode_command(Command.RUN_EXPERT, 0, 0, 0, 0),
     "expert-image-misaligned": encode_command(Command.RUN_EXPERT, 32, 1 << 16, 0, 0),
     "expert-image-beyond-memory": encode_command(Command.RUN_EXPERT, _END + 64, 1 << 16, 0, 0),
-    "expert-table-past-end": encode_command(Command.RUN_EXPERT, 0, 1 << 16, 0, _END - 2),
+    "expert-table-misaligned": encode_command(Command.RUN_EXPERT, 0, 1 << 16, 0, _END - 2),
+    # 4 tokens of 5 activation words (hidden 16 and the factor word) are 80 bytes: 16 past the end
+    "expert-x-past-end": encode_command(Command.RUN_EXPERT, 0, 4 << 16, _END - 64, 0),
 }
 
 
