@@ -63,6 +63,8 @@ IMPLEMENTATION = "moegen"
 SUPPORTED_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")
 #: Calibration rows kept per expert.
 CALIBRATION_ROWS = 256
+#: Calibration rows kept per layer (the prefetch predictor's fit), the same tokens in each.
+LAYER_ROWS = 4096
 #: Families whose routing the device's router computes, for block mode (Mixtral renormalizes
 #: over the chosen experts; Qwen2-MoE, Qwen3-MoE and OLMoE do when ``norm_topk_prob``).
 #: DeepSeek-V3's group-limited routing stays on the host.
@@ -129,7 +131,7 @@ class Profiler:
         self.limit = rows
         self.inputs = {id(m): {} for m in modules}
         self.counts = {id(m): torch.zeros(m.gate_up_proj.shape[0], dtype=torch.int64) for m in modules}
-        self.layer_inputs = {id(m): [] for m in modules}  # every token, the same rows in each layer
+        self.layer_inputs = {id(m): [] for m in modules}  # the first LAYER_ROWS tokens of each layer
 
     def rows(self, module, expert):
         """The recorded inputs of ``expert`` of ``module``: ``[N, hidden]``, ``N`` up to the
@@ -156,7 +158,10 @@ class Profiler:
 
     def __call__(self, module, hidden_states, top_k_index, top_k_weights):
         inputs, counts = self.inputs[id(module)], self.counts[id(module)]
-        self.layer_inputs[id(module)].append(hidden_states.detach().float().cpu())
+        kept = self.layer_inputs[id(module)]
+        room = LAYER_ROWS - sum(len(x) for x in kept)  # the same first rows in every layer
+        if room > 0:
+            kept.append(hidden_states[:room].detach().float().cpu())
         for e in top_k_index.unique().tolist():
             if e >= len(counts):
                 continue
@@ -334,8 +339,8 @@ class Offload:
     frequency : list of tensor
         Per layer, how often the calibration pass chose each expert.
     calibration : list of tensor
-        Per layer, the experts' inputs ``[N, hidden]`` of the calibration pass (row ``i`` is
-        the same token in every layer).
+        Per layer, the experts' inputs ``[N, hidden]`` of the calibration pass, up to
+        :data:`LAYER_ROWS` (row ``i`` is the same token in every layer).
     host_cost : HostCost
         The host's measured time for one expert call (for modeled times and ``cost``).
     """
