@@ -468,7 +468,7 @@ def _cheapest_combination(options, allowance, bins=COMBINATION_BINS):
     unit = allowance / bins
 
     def steps(loss):
-        return 0 if loss <= 0 else bins + 1 if unit <= 0 else math.ceil(loss / unit)
+        return 0 if loss <= 0 else bins + 1 if unit <= 0 or math.isinf(loss) else math.ceil(loss / unit)
 
     best = [(0.0, ())] + [None] * bins  # best[used steps] = (experts, choice)
     for layer_options in options:
@@ -493,7 +493,9 @@ def choose_k(measure, k_model, layers, budget, thresholds=TOP_P_THRESHOLDS):
     gatings of ``_candidates`` until one goes over the budget; those that pass are its options.
     The combination with the fewest expert calls whose single-layer perplexity losses add up to
     at most the budget is measured; while it goes over, the allowance shrinks below its estimate
-    and the next combination is measured. Returns ``(gating, reference, final, shares, trials)``.
+    and the next combination is measured (a combination met again, its options free alone but
+    over budget together, loses the option that saves the most). Returns ``(gating, reference,
+    final, shares, trials)``.
     """
     full = [(k_model, None)] * layers
     reference, reference_shares = measure(full)
@@ -514,7 +516,12 @@ def choose_k(measure, k_model, layers, budget, thresholds=TOP_P_THRESHOLDS):
     allowance, tried = limit - reference, set()
     while True:
         choice = _cheapest_combination(losses, allowance)
-        if not any(choice) or choice in tried:
+        if choice in tried:  # its options cost nothing alone but too much together: drop the one saving most
+            layer = max((layer for layer, option in enumerate(choice) if option),
+                        key=lambda layer: losses[layer][0][1] - losses[layer][choice[layer]][1])
+            losses[layer][choice[layer]] = (math.inf, losses[layer][choice[layer]][1])
+            continue
+        if not any(choice):
             return full, reference, reference, reference_shares, trials
         tried.add(choice)
         gating = [options[layer][option] for layer, option in enumerate(choice)]

@@ -316,3 +316,16 @@ def test_bad_model(tmp_path, capsys, config, message):
     assert main(["compile", str(folder), "--board", "ulx3s-85f", "--out", str(tmp_path / "out")]) == 2
     assert message in capsys.readouterr().err
     assert not list((tmp_path / "out").glob("*"))
+
+
+def test_choose_k_drops_a_free_option_that_fails_in_combination():
+    """Each layer at k 1 costs nothing alone (-0.01) but both together go over the budget:
+    the search keeps one of them instead of giving up."""
+    def measure(gating):
+        cut = [layer for layer, option in enumerate(gating) if option == (1, None)]
+        ppl = 10.0 + (0.48 if len(cut) == 2 else -0.01 * len(cut))
+        return ppl, [[0.0, 1.0, 0.0] if layer in cut else [0.0, 0.0, 1.0] for layer in range(2)]
+
+    gating, reference, final, _, _ = choose_k(measure, 2, 2, 0.01, thresholds=())
+    assert reference == 10.0
+    assert sorted(gating) == [(1, None), (2, None)] and final == pytest.approx(9.99)
