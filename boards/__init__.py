@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from ..errors import UserError
 
-__all__ = ["BOARDS", "BoardSpec", "get_board"]
+__all__ = ["BOARDS", "BRAM_BLOCK_BITS", "SPRAM_BITS", "BoardSpec", "get_board"]
 
 
 @dataclass(frozen=True)
@@ -56,20 +56,37 @@ class BoardSpec:
     reset: tuple
     tie_high: tuple = ()
 
+    @property
+    def brams(self):
+        """Block RAMs of the family's size (:data:`BRAM_BLOCK_BITS`)."""
+        return self.bram_bits // BRAM_BLOCK_BITS[self.family]
+
+    @property
+    def sprams(self):
+        """iCE40 UltraPlus single-port RAMs (:data:`SPRAM_BITS` each)."""
+        return self.spram_bits // SPRAM_BITS
+
+
+#: Bits of one block RAM as yosys and nextpnr count them: ECP5 DP16KD (18 Kbit), iCE40 EBR
+#: (4 Kbit), 7-series RAMB36.
+BRAM_BLOCK_BITS = {"ecp5": 18_432, "ice40": 4_096, "xc7": 36_864}
+#: Bits of one iCE40 UltraPlus SPRAM.
+SPRAM_BITS = 262_144
+
 
 BOARDS = {
     spec.name: spec
     for spec in (
         # Lattice LFE5U-85F: 83,640 LUT4, 156 18x18 multipliers, 208 EBR of 18 Kbit. FIRE1 resets;
         # the ESP32's GPIO0 (L2) is held high, or the ESP32 may reconfigure the FPGA.
-        BoardSpec("ulx3s-85f", "ecp5", "LFE5U-85F", "CABGA381", 83_640, 83_640, 156, 208 * 18_432, 0, 25.0, "yowasp",
-                  "amaranth_boards.ulx3s:ULX3S_85F_Platform", ("button_fire", 0), ("L2",)),
+        BoardSpec("ulx3s-85f", "ecp5", "LFE5U-85F", "CABGA381", 83_640, 83_640, 156, 208 * BRAM_BLOCK_BITS["ecp5"], 0,
+                  25.0, "yowasp", "amaranth_boards.ulx3s:ULX3S_85F_Platform", ("button_fire", 0), ("L2",)),
         # Lattice iCE40UP5K: 5,280 LUT4, 8 SB_MAC16, 30 EBR of 4 Kbit, 4 SPRAM of 256 Kbit; the user button resets
-        BoardSpec("icebreaker", "ice40", "iCE40UP5K", "SG48", 5_280, 5_280, 8, 30 * 4_096, 4 * 262_144, 12.0, "yowasp",
-                  "amaranth_boards.icebreaker:ICEBreakerPlatform", ("button", 0)),
+        BoardSpec("icebreaker", "ice40", "iCE40UP5K", "SG48", 5_280, 5_280, 8, 30 * BRAM_BLOCK_BITS["ice40"],
+                  4 * SPRAM_BITS, 12.0, "yowasp", "amaranth_boards.icebreaker:ICEBreakerPlatform", ("button", 0)),
         # Xilinx XC7A35T: 20,800 LUT6, 41,600 FF, 90 DSP48E1, 50 BRAM36; the RESET button resets
-        BoardSpec("arty-a7-35", "xc7", "XC7A35T", "CSG324", 20_800, 41_600, 90, 50 * 36_864, 0, 100.0, "vendor",
-                  "amaranth_boards.arty_a7:ArtyA7_35Platform", ("rst", 0)),
+        BoardSpec("arty-a7-35", "xc7", "XC7A35T", "CSG324", 20_800, 41_600, 90, 50 * BRAM_BLOCK_BITS["xc7"], 0,
+                  100.0, "vendor", "amaranth_boards.arty_a7:ArtyA7_35Platform", ("rst", 0)),
     )
 }
 

@@ -263,9 +263,7 @@ def _synth_resources(family, spec, stat):
     cells = json.loads(stat.read_text())["design"]["num_cells_by_type"]
     used = {kind: sum(cells.get(cell, 0) * weight for cell, weight in weights.items())
             for kind, weights in FAMILIES[family]["count"].items()}
-    block_bits = 18_432 if family == "ecp5" else 4_096
-    available = {"luts": spec.luts, "ffs": spec.ffs, "dsps": spec.dsps, "brams": spec.bram_bits // block_bits,
-                 "sprams": spec.spram_bits // 262_144}
+    available = {"luts": spec.luts, "ffs": spec.ffs, "dsps": spec.dsps, "brams": spec.brams, "sprams": spec.sprams}
     kinds = [kind for kind in RESOURCE_NAMES if kind in used and (kind != "sprams" or available["sprams"])]
     return {kind: {"used": used[kind], "available": available[kind]} for kind in kinds}
 

@@ -69,8 +69,8 @@ SHRINK = 0.75
 SIDES = (2, 4, 8, 16)
 SPARSITIES = ((2, 4), (1, 4), (4, 4))
 BANKS = (2, 3, 4)
-#: Block RAM of one block, in bits, per FPGA family (ECP5 DP16KD: 18 Kbit).
-_BRAM_BLOCK_BITS = {"ecp5": 18_432}
+#: FPGA families :func:`moegen.hls.model.resources` models.
+_MODELED_FAMILIES = ("ecp5",)
 _RESOURCE_NAMES = {"dsps": "DSPs", "brams": "block RAMs", "luts": "LUTs", "ffs": "FFs"}
 
 
@@ -302,11 +302,10 @@ def _make_config(base, meta, *, rows, cols, m, n, banks, lanes, images=1, name=N
 
 
 def _budget(board):
-    if board.family not in _BRAM_BLOCK_BITS:
+    if board.family not in _MODELED_FAMILIES:
         raise UserError(f"board {board.name}: no resource model for FPGA family {board.family!r}; modeled: "
-                        f"{', '.join(_BRAM_BLOCK_BITS)}")
-    return {"dsps": board.dsps, "brams": board.bram_bits // _BRAM_BLOCK_BITS[board.family], "luts": board.luts,
-            "ffs": board.ffs}
+                        f"{', '.join(_MODELED_FAMILIES)}")
+    return {"dsps": board.dsps, "brams": board.brams, "luts": board.luts, "ffs": board.ffs}
 
 
 def _over(used, budget):
