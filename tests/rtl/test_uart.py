@@ -36,6 +36,15 @@ async def drive_line(ctx, pin, bits, period):
     ctx.set(pin, 1)
 
 
+def recorder(pin, samples):
+    """A background testbench that appends ``pin``'s value every cycle to ``samples``."""
+    async def record(ctx):
+        while True:
+            *_, value = await ctx.tick().sample(pin)
+            samples.append(value)
+    return record
+
+
 def decode_line(samples, period):
     """(byte, stop bit) of every frame in a line sampled once per cycle, read mid-bit."""
     frames, at = [], 0
@@ -88,15 +97,10 @@ def test_transmitter_sends_8n1_frames_back_to_back():
             await ctx.tick().until(dut.i.ready)
         ctx.set(dut.i.valid, 0)
 
-    async def line(ctx):
-        while True:
-            *_, tx = await ctx.tick().sample(dut.tx)
-            samples.append(tx)
-
     sim = Simulator(dut)
     sim.add_clock(1e-8)
     sim.add_testbench(source)
-    sim.add_testbench(line, background=True)
+    sim.add_testbench(recorder(dut.tx, samples), background=True)
     sim.run_until(1e-8 * (len(data) * 10 * DIVISOR + 40))
     assert samples[0] == 1  # idle high out of reset
     start = samples.index(0)
@@ -155,15 +159,10 @@ def test_bridge_echoes_bytes_both_ways(error):
         await drive_line(ctx, pins.rx, [bit for byte in data for bit in frame_bits(byte)], period)
         await ctx.tick().repeat(12 * DIVISOR)
 
-    async def line(ctx):
-        while True:
-            *_, tx = await ctx.tick().sample(pins.tx)
-            samples.append(tx)
-
     sim = Simulator(top)
     sim.add_clock(1e-8)
     sim.add_testbench(host)
-    sim.add_testbench(line, background=True)
+    sim.add_testbench(recorder(pins.tx, samples), background=True)
     sim.run()
     assert decode_line(samples, DIVISOR) == [(byte, 1) for byte in data]
 
