@@ -90,11 +90,11 @@ def run(args):
 
     from moegen.config import load_config
     from moegen.errors import UserError
-    from moegen.hls.flow import PROFILE_ROWS, choose_k, experts_per_token, gated, profile, shares_of
+    from moegen.hls.flow import PROFILE_ROWS, choose_k, experts_per_token, gated, int8_experts, profile, shares_of
     from moegen.hls.prune import prune, pruned_copy, recover
     from moegen.host.demo import corpus
     from moegen.host.demo.model import CONTEXT, calibration_ids, encode, load_demo, perplexity
-    from moegen.host.offload import expert_weights, experts_modules, offload
+    from moegen.host.offload import expert_weights, experts_modules
 
     if not 512 <= args.heldout <= 1 << 20:
         raise UserError(f"--heldout must be in 512..1048576 bytes, not {args.heldout}")
@@ -113,11 +113,8 @@ def run(args):
         return perplexity(target, heldout, context=CONTEXT, stride=CONTEXT // 2)
 
     def int8(target, variant=config):
-        handle = offload(target, None, policy="static", hot=0, calibration=calibration, config=variant)
-        try:
+        with int8_experts(target, calibration, variant):
             return measure(target)
-        finally:
-            handle.remove()
 
     _progress(f"float, int8 and int8 2:4 by magnitude: perplexity on {len(heldout)} held-out bytes")
     ppl_float = measure()
@@ -143,8 +140,7 @@ def run(args):
     ppl = {method: int8(target) for method, target in models.items()}
     best_method = min(ppl, key=ppl.get)
     best = models[best_method]
-    handle = offload(best, None, policy="static", hot=0, calibration=calibration, config=config)
-    try:
+    with int8_experts(best, calibration, config) as handle:
         k_model = best.config.num_experts_per_tok
 
         def limited(gating):
@@ -153,8 +149,6 @@ def run(args):
 
         _progress(f"choose-k on {best_method}")
         gating, ppl_best, ppl_k, shares, _ = choose_k(limited, k_model, len(handle.layers), args.ppl_budget)
-    finally:
-        handle.remove()
     return {
         "heldout_bytes": len(heldout),
         "ppl_float": ppl_float,

@@ -234,13 +234,14 @@ def limit_k(router, k, top_p=None, tally=None):
 
 
 @contextlib.contextmanager
-def int8_experts(model, calibration, config, quantized):
-    """``model`` with golden's integer experts ``quantized[layer][expert]`` computed on the host
-    (``offload`` with no device and no host experts); yields the :class:`Offload` handle."""
+def int8_experts(model, calibration, config, quantized=None):
+    """``model`` with golden's integer experts ``quantized[layer][expert]`` (None: the model's
+    own, converted for ``config``) computed on the host (``offload`` with no device and no host
+    experts); yields the :class:`Offload` handle."""
     from ..host.offload import offload
 
     handle = offload(model, None, policy="static", hot=0, calibration=calibration, config=config,
-                     quantized=[dict(enumerate(experts)) for experts in quantized])
+                     quantized=None if quantized is None else [dict(enumerate(experts)) for experts in quantized])
     try:
         yield handle
     finally:
