@@ -41,6 +41,8 @@ from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 
+import amaranth
+
 from .. import __version__
 from ..errors import UserError
 from ..generate import stamp
@@ -62,6 +64,7 @@ __all__ = [
     "clocks_from_report",
     "critical_path",
     "find_consumers",
+    "portable_sources",
     "resources_from_pnr",
     "utilization_from_log",
 ]
@@ -399,12 +402,29 @@ def check_timing(report):
     raise BuildFailed("\n".join(filter(None, [summary, _path_text(report.critical_path)])), report)
 
 
+#: Where the Python behind the design lives: moegen's checkout, the packages (Amaranth) and
+#: the standard library (contextlib)
+_SOURCE_ROOTS = (Path(__file__).resolve().parents[1], Path(amaranth.__file__).resolve().parents[1],
+                 Path(os.__file__).resolve().parent)
+
+
+def portable_sources(rtlil):
+    """``rtlil`` with the Python paths of its ``src`` attributes relative to the checkout or
+    the package folder (``rtl/top.py:150``, ``amaranth/lib/crc/__init__.py:344``). Yosys'
+    mapping depends on these strings (ABC's LUT count of ``tiny`` moved by 10% between three
+    checkouts of one commit), so the same commit synthesizes the same anywhere."""
+    roots = sorted({f"{root}/" for root in _SOURCE_ROOTS}, key=len, reverse=True)
+    pattern = re.compile("|".join(re.escape(root) for root in roots))
+    return re.sub(r'(attribute \\src ")([^"]*)"', lambda m: m[1] + pattern.sub("", m[2]) + '"', rtlil)
+
+
 def _elaborate(config, spec, design):
     from ..rtl.top import Accelerator  # the accelerator is elaborated only when no other design is given
 
     top = BoardTop(config, spec, design if design is not None else Accelerator(config, memory="bram"))
     plan = board_platform(spec).prepare(top, name="top")
     files = dict(plan.files)
+    files["top.il"] = portable_sources(files["top.il"])
     header = stamp(config, f"board {spec.name} top ({spec.device}), clock {top.clock.mhz:.6g} MHz, "
                            f"UART divisor {top.bridge.divisor}")
     verilog_name = "top.v" if "top.v" in files else "top.debug.v"

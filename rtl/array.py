@@ -243,7 +243,9 @@ class SparseSystolicArray(wiring.Component):
 
         # Activations: row r meets its weights r cycles after row 0. Row 0 is registered; the
         # others go through a circular buffer (distributed RAM, not r registers) written at
-        # the edge and read r + 1 entries behind the write pointer.
+        # the edge and read r entries behind the write pointer one cycle ahead, into a register
+        # (a synchronous read port): the entry r + 1 behind it now, and no RAM read in front of
+        # the multipliers (the ECP5 critical path when the read was combinational).
         depth = 1 << ceil_log2(rows + 1)
         write_at = Signal(range(depth))
         m.d.sync += write_at.eq(write_at + 1)
@@ -254,9 +256,9 @@ class SparseSystolicArray(wiring.Component):
                 m.d.sync += row.eq(a.data[0].as_value())
             else:
                 m.submodules[f"skew_{r}"] = skew = Memory(shape=n * aw, depth=depth, init=[])
-                write, read = skew.write_port(), skew.read_port(domain="comb")
+                write, read = skew.write_port(), skew.read_port()
                 m.d.comb += [write.addr.eq(write_at), write.data.eq(a.data[r].as_value()), write.en.eq(1),
-                             read.addr.eq(write_at - (r + 1))]
+                             read.addr.eq(write_at - r)]
                 row = read.data
             acts.append([row[k * aw:(k + 1) * aw].as_signed() for k in range(n)])
 

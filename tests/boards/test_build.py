@@ -1,8 +1,11 @@
 import hashlib
 import importlib
 import json
+import re
 from dataclasses import replace
+from pathlib import Path
 
+import amaranth
 import pytest
 from amaranth import Module
 from amaranth.lib import stream, wiring
@@ -19,6 +22,7 @@ from moegen.boards.build import (
     clocks_from_report,
     critical_path,
     find_consumers,
+    portable_sources,
     resources_from_pnr,
     utilization_from_log,
 )
@@ -99,6 +103,19 @@ def test_board_top_puts_the_bridge_on_the_uart_pins(board):
         assert "EHXPLLL" in files["top.il"]
     if board == "icebreaker":
         assert "SB_PLL40_PAD" in files["top.il"] and "set_frequency" in constraints
+
+
+def test_rtlil_names_its_python_sources_relative_to_the_checkout_and_the_packages(tmp_path):
+    """Yosys' LUT mapping depends on the ``src`` strings, so a checkout's absolute paths would
+    make one commit synthesize differently in every folder (tiny: 14,351 to 15,858 LUTs)."""
+    report = build_bitstream(load_config("tiny"), "ulx3s-85f", out=tmp_path, stop_after="elaborate",
+                             progress=lambda line: None)
+    sources = set(re.findall(r'attribute \\src "([^"]*)"', (tmp_path / "top.il").read_text()))
+    files = {location.rsplit(":", 1)[0] for src in sources for location in src.split("|")}
+    assert report.status == "stopped" and {"rtl/top.py", "rtl/array.py", "boards/top.py"} <= files
+    assert "amaranth/lib/fifo.py" in files and not any(file.startswith("/") for file in files)
+    assert portable_sources(f'attribute \\src "{Path(amaranth.__file__).parent}/hdl/_ast.py:12"') == \
+        'attribute \\src "amaranth/hdl/_ast.py:12"'
 
 
 # ---- the Xilinx board: generate only
