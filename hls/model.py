@@ -278,30 +278,32 @@ def tokens_per_second(config, ks, batch=1):
 #: Whole-accelerator synthesis on ECP5 (``Accelerator(config, memory="bram")`` in the board top,
 #: ``moegen bitstream --board ulx3s-85f --stop-after synthesize``, yosys 0.69 ``synth_ecp5``;
 #: counted as ``moegen.boards.synth`` counts): the points :func:`resources` is fitted to. Each is
-#: ``(overrides of the default config, {luts, ffs, dsps, brams})``.
+#: ``(overrides of the default config, {luts, ffs, dsps, brams})``, all re-measured at commit
+#: 4e8639c (2026-11-24, checkout-independent RTLIL) by building each point's config with
+#: ``build_bitstream(..., "ulx3s-85f", stop_after="synthesize")`` (48 s to 140 s each).
 ECP5_POINTS = (
-    # configs/tiny.yaml (build/boards/ulx3s-85f/tiny-5f0924e0c1c8d9a6)
+    # configs/tiny.yaml
     ({"router": {"experts": 4, "lanes": 4}, "array": {"rows": 2, "cols": 2},
       "loader": {"bank_bytes": 256}, "memory": {"port_width": 32, "burst_len": 4, "size_bytes": 65536},
       "model": {"hidden": 16, "ffn": 32, "max_tokens": 4, "layers": 2}},
-     {"luts": 17529, "ffs": 6704, "dsps": 33, "brams": 38}),
-    # configs/ulx3s-85f.yaml (build/boards/ulx3s-85f/ulx3s-85f-a5e8ed64c79f51c4)
+     {"luts": 15711, "ffs": 6900, "dsps": 29, "brams": 38}),
+    # the first ulx3s-85f preset with a 4x8 array and 32 tokens
     ({"router": {"experts": 16, "lanes": 16}, "array": {"rows": 4}, "loader": {"bank_bytes": 4096},
       "memory": {"size_bytes": 262144}, "model": {"hidden": 256, "ffn": 512, "max_tokens": 32}},
-     {"luts": 33135, "ffs": 13718, "dsps": 143, "brams": 201}),
-    # the same with an 8x8 array and 64 tokens (build/boards/ulx3s-85f/ulx3s-85f-f13fa818235195f4)
+     {"luts": 33228, "ffs": 13939, "dsps": 139, "brams": 201}),
+    # the same with an 8x8 array and 64 tokens
     ({"router": {"experts": 16, "lanes": 16}, "loader": {"bank_bytes": 4096},
       "memory": {"size_bytes": 262144}, "model": {"hidden": 256, "ffn": 512, "max_tokens": 64}},
-     {"luts": 35782, "ffs": 17153, "dsps": 207, "brams": 230}),
-    # demo shapes, 4x4 2:4 (this module's sweep, 353 s)
+     {"luts": 35428, "ffs": 17502, "dsps": 203, "brams": 230}),
+    # demo shapes, 4x4 2:4
     ({"array": {"rows": 4, "cols": 4}, "loader": {"bank_bytes": 4096},
       "memory": {"size_bytes": 131072}, "model": {"max_tokens": 32}},
-     {"luts": 21924, "ffs": 9536, "dsps": 75, "brams": 109}),
-    # demo shapes, 8x8 dense, 4 banks, 4 router lanes (this module's sweep, 384 s); before it joined
-    # the fit, the four points above predicted it within -16.8% (LUTs), -2.6% (FFs), 0 (DSPs), +8.3% (BRAM)
+     {"luts": 21801, "ffs": 9753, "dsps": 71, "brams": 109}),
+    # demo shapes, 8x8 dense, 4 banks, 4 router lanes; when it first joined the fit, the four points
+    # above predicted it within -16.8% (LUTs), -2.6% (FFs), 0 (DSPs), +8.3% (BRAM)
     ({"router": {"lanes": 4}, "array": {"m": 4, "n": 4}, "loader": {"banks": 4},
       "memory": {"size_bytes": 262144}},
-     {"luts": 39764, "ffs": 19454, "dsps": 335, "brams": 254}),
+     {"luts": 37275, "ffs": 19801, "dsps": 331, "brams": 254}),
 )
 #: DP16KD blocks hold 2 KiB of data (16 Kbit without parity)
 _BRAM_BYTES = 2048
@@ -384,7 +386,7 @@ def resources(config, family="ecp5"):
     """Modeled resources of ``Accelerator(config, memory="bram")`` on ``family``:
     ``{"luts", "ffs", "dsps", "brams"}``.
 
-    * DSPs: one 18x18 multiplier per array multiplier (``rows * cols * m``) plus ``9 * cols + 7``
+    * DSPs: one 18x18 multiplier per array multiplier (``rows * cols * m``) plus ``9 * cols + 3``
       (epilogue requantizers, the accumulator's weight multipliers, the router's exps): exact
       on every point of :data:`ECP5_POINTS`.
     * Block RAM: the device memory (``size_bytes / 2 KiB``) plus a least-squares fit on the
@@ -404,5 +406,5 @@ def resources(config, family="ecp5"):
         return max(0, round(sum(c * x for c, x in zip(_FITS[kind], f[group], strict=True))))
 
     return {"luts": fitted("luts", "logic"), "ffs": fitted("ffs", "logic"),
-            "dsps": a.rows * a.cols * a.m + 9 * a.cols + 7,
+            "dsps": a.rows * a.cols * a.m + 9 * a.cols + 3,
             "brams": _memory_brams(config) + fitted("brams", "brams")}
