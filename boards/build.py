@@ -424,7 +424,8 @@ def _elaborate(config, spec, design):
     top = BoardTop(config, spec, design if design is not None else Accelerator(config, memory="bram"))
     plan = board_platform(spec).prepare(top, name="top")
     files = dict(plan.files)
-    files["top.il"] = portable_sources(files["top.il"])
+    if "top.il" in files:  # vendor platforms write only Verilog
+        files["top.il"] = portable_sources(files["top.il"])
     header = stamp(config, f"board {spec.name} top ({spec.device}), clock {top.clock.mhz:.6g} MHz, "
                            f"UART divisor {top.bridge.divisor}")
     verilog_name = "top.v" if "top.v" in files else "top.debug.v"
