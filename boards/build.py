@@ -589,7 +589,7 @@ def _build_yowasp(report, work, spec, config, seed, steps, timeout_s, stop_after
 
     if family == "ecp5":
         bitstream = "top.bit"
-        pack = [python_tool("yowasp-ecppack"), "--compress", "--usercode", f"0x{config.device_hash:08x}",
+        pack = [python_tool("yowasp-ecppack"), "--compress", "--usercode", str(config.device_hash),
                 "--input", output, "--bit", bitstream]
     else:
         bitstream = "top.bin"

@@ -244,6 +244,19 @@ def test_icebreaker_bitstream_of_the_board_top_is_stamped_and_reported(tmp_path)
 
 
 @pytest.mark.synth
+def test_ulx3s_bitstream_of_the_board_top_carries_the_device_hash(tmp_path):
+    """The ECP5 flow to the end (ecppack included) on the board top around a byte echo."""
+    config = load_config("tiny")
+    report = build_bitstream(config, "ulx3s-85f", out=tmp_path, design=Echo(), progress=lambda line: None)
+    assert report.status == "ok" and all(clock["met"] for clock in report.clocks)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    bitstream = (tmp_path / "top.bit").read_bytes()
+    assert manifest["files"]["top.bit"] == hashlib.sha256(bitstream).hexdigest()
+    # ISC_PROGRAM_USERCODE (0xC2), three bytes of operands, then the code
+    assert bytes([0xC2, 0x80, 0, 0]) + config.device_hash.to_bytes(4, "big") in bitstream
+
+
+@pytest.mark.synth
 def test_tiny_accelerator_synthesizes_for_the_ulx3s(tmp_path):
     report = build_bitstream(load_config("tiny"), "ulx3s-85f", out=tmp_path, stop_after="synthesize",
                              progress=lambda line: None)
