@@ -1,6 +1,6 @@
 """Requantizer: integer accumulators to narrow integers by multiplier, shift, rounding, saturation."""
 
-from amaranth import Module, Mux, Signal, signed, unsigned
+from amaranth import C, Cat, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -10,6 +10,8 @@ from .params import check_int
 __all__ = ["Requantizer"]
 
 SHIFT_BITS = MAX_SHIFT.bit_length()
+#: shift bits applied in the second stage, the rest in the third
+_FINE_BITS = 3
 
 
 def requant_input_layout(acc_width, lanes):
@@ -66,6 +68,7 @@ class Requantizer(wiring.Component):
         m.d.comb += self.i.ready.eq(advance)
 
         product_width = self.acc_width + MULT_BITS + 1
+        sum_width = max(product_width, MAX_SHIFT) + 1  # product + round_bias, before any shift
         valid = [Signal(name=f"valid_{stage}") for stage in (1, 2)]
         with m.If(advance):
             m.d.sync += [valid[0].eq(self.i.valid), valid[1].eq(valid[0]), self.o.valid.eq(valid[1])]
@@ -73,15 +76,23 @@ class Requantizer(wiring.Component):
         for lane in range(self.lanes):
             product = Signal(signed(product_width), name=f"product_{lane}")
             shift_1 = Signal(SHIFT_BITS, name=f"shift1_{lane}")
-            shifted = Signal(signed(product_width), name=f"shifted_{lane}")
             # 2**(shift-1) for shift > 0: half of one output step, so ties round up
             round_bias = Signal(MAX_SHIFT, name=f"round_bias_{lane}")
-            m.d.comb += round_bias.eq((1 << shift_1) >> 1)
+            # the shift in two parts, (x >> lo) >> 8 * hi == x >> shift: the add and the low three
+            # bits in stage 2, the high bits with the saturation in stage 3 (one long path was
+            # the add and all six levels, the ECP5 critical path)
+            partial = Signal(signed(sum_width), name=f"partial_{lane}")
+            coarse = Signal(SHIFT_BITS - _FINE_BITS, name=f"coarse_{lane}")
+            shifted = Signal(signed(sum_width), name=f"shifted_{lane}")
+            shift_in = self.i.payload.shift[lane]
+            m.d.comb += shifted.eq(partial >> Cat(C(0, _FINE_BITS), coarse))
             with m.If(advance):
                 m.d.sync += [
                     product.eq(self.i.payload.acc[lane] * self.i.payload.mult[lane]),
-                    shift_1.eq(self.i.payload.shift[lane]),
-                    shifted.eq((product + round_bias) >> shift_1),
+                    shift_1.eq(shift_in),
+                    round_bias.eq((1 << shift_in) >> 1),
+                    partial.eq((product + round_bias) >> shift_1[:_FINE_BITS]),
+                    coarse.eq(shift_1[_FINE_BITS:]),
                     self.o.payload[lane].eq(Mux(shifted > qmax, qmax, Mux(shifted < -qmax, -qmax, shifted))),
                 ]
         return m
