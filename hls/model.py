@@ -279,8 +279,9 @@ def tokens_per_second(config, ks, batch=1):
 #: ``moegen bitstream --board ulx3s-85f --stop-after synthesize``, yosys 0.69 ``synth_ecp5``;
 #: counted as ``moegen.boards.synth`` counts): the points :func:`resources` is fitted to. Each is
 #: ``(overrides of the default config, {luts, ffs, dsps, brams})``, all re-measured at commit
-#: 4e8639c (2026-11-24, checkout-independent RTLIL) by building each point's config with
-#: ``build_bitstream(..., "ulx3s-85f", stop_after="synthesize")`` (48 s to 140 s each).
+#: 4e8639c (2026-11-24, checkout-independent RTLIL) by :func:`synthesize_points`
+#: (``python -c "from moegen.hls.model import synthesize_points; print(synthesize_points())"``,
+#: 48 s to 140 s a point).
 ECP5_POINTS = (
     # configs/tiny.yaml
     ({"router": {"experts": 4, "lanes": 4}, "array": {"rows": 2, "cols": 2},
@@ -305,6 +306,28 @@ ECP5_POINTS = (
       "memory": {"size_bytes": 262144}},
      {"luts": 37275, "ffs": 19801, "dsps": 331, "brams": 254}),
 )
+
+
+def synthesize_points(points=ECP5_POINTS):
+    """What yosys maps each point's config to today, as :data:`ECP5_POINTS` records it:
+    ``[{luts, ffs, dsps, brams}]`` (``moegen bitstream --board ulx3s-85f --stop-after
+    synthesize`` of each; a point over the part's resources is counted all the same)."""
+    import tempfile
+
+    from ..boards.build import BuildFailed, build_bitstream
+
+    used = []
+    for overrides, _ in points:
+        with tempfile.TemporaryDirectory() as work:
+            try:
+                report = build_bitstream(_point_config(overrides), "ulx3s-85f", out=work,
+                                         stop_after="synthesize", progress=lambda line: None)
+            except BuildFailed as failed:  # does not fit: the counts are in its report
+                report = failed.report
+        used.append({kind: report.resources[kind]["used"] for kind in ("luts", "ffs", "dsps", "brams")})
+    return used
+
+
 #: DP16KD blocks hold 2 KiB of data (16 Kbit without parity)
 _BRAM_BYTES = 2048
 

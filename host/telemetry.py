@@ -83,6 +83,10 @@ class Telemetry:
         counts[2] += link_bytes
         counts[3] += fallback
 
+    def route_totals(self):
+        """ROUTE commands over all layers: ``(calls, device cycles, link bytes, fallbacks)``."""
+        return tuple(sum(column) for column in zip(*self.routes, strict=True))
+
     def routing_agreement(self):
         """Share of device-routed tokens whose experts equal the model's (nan: none routed)."""
         tokens = sum(self.routed_tokens)
@@ -139,7 +143,7 @@ class Telemetry:
         # on-demand moves stall the step; prefetches overlap with compute
         moved_bytes = t.weight_bytes * t.moves / max(1, t.moves + t.prefetches)
         moved_s = link.seconds(moved_bytes, t.moves)
-        routes, route_cycles, route_bytes, route_fallbacks = (sum(column) for column in zip(*self.routes, strict=True))
+        routes, route_cycles, route_bytes, route_fallbacks = self.route_totals()
         device_s = (t.device_cycles + route_cycles) / (clock_mhz * 1e6) \
             + link.seconds(t.bytes_out + t.bytes_in + route_bytes, 4 * (device_calls + routes))
         total_s = host_s + moved_s + device_s
