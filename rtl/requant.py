@@ -10,8 +10,6 @@ from .params import check_int
 __all__ = ["Requantizer"]
 
 SHIFT_BITS = MAX_SHIFT.bit_length()
-#: shift bits applied in the second stage, the rest in the third
-_FINE_BITS = 3
 
 
 def requant_input_layout(acc_width, lanes):
@@ -68,7 +66,12 @@ class Requantizer(wiring.Component):
         m.d.comb += self.i.ready.eq(advance)
 
         product_width = self.acc_width + MULT_BITS + 1
-        sum_width = max(product_width, MAX_SHIFT) + 1  # product + round_bias, before any shift
+        # (p + 2**(s-1)) >> s == ((2p >> s) + 1) >> 1 for every shift s, 0 included (no bias
+        # then): q = 2p >> s is rounded and saturated in out_width + 1 bits, which hold every q
+        # that does not saturate (-2**out_width < q < 2**out_width - 1), so no wide add or
+        # comparison is needed; the bits of q above those only tell whether it saturates
+        window = self.out_width + 1
+        doubled_width = product_width + 1
         valid = [Signal(name=f"valid_{stage}") for stage in (1, 2)]
         with m.If(advance):
             m.d.sync += [valid[0].eq(self.i.valid), valid[1].eq(valid[0]), self.o.valid.eq(valid[1])]
@@ -76,23 +79,25 @@ class Requantizer(wiring.Component):
         for lane in range(self.lanes):
             product = Signal(signed(product_width), name=f"product_{lane}")
             shift_1 = Signal(SHIFT_BITS, name=f"shift1_{lane}")
-            # 2**(shift-1) for shift > 0: half of one output step, so ties round up
-            round_bias = Signal(MAX_SHIFT, name=f"round_bias_{lane}")
-            # the shift in two parts, (x >> lo) >> 8 * hi == x >> shift: the add and the low three
-            # bits in stage 2, the high bits with the saturation in stage 3 (one long path was
-            # the add and all six levels, the ECP5 critical path)
-            partial = Signal(signed(sum_width), name=f"partial_{lane}")
-            coarse = Signal(SHIFT_BITS - _FINE_BITS, name=f"coarse_{lane}")
-            shifted = Signal(signed(sum_width), name=f"shifted_{lane}")
-            shift_in = self.i.payload.shift[lane]
-            m.d.comb += shifted.eq(partial >> Cat(C(0, _FINE_BITS), coarse))
+            low = Signal(signed(window), name=f"low_{lane}")  # q's low bits
+            beyond = Signal(name=f"beyond_{lane}")  # q does not fit the window: it saturates
+            negative = Signal(name=f"negative_{lane}")
+            doubled = Cat(C(0, 1), product).as_signed()
+            # the bits of 2p that become q's bits from window - 1 up: all copies of the sign
+            # unless q is beyond the window
+            above = Signal(doubled_width, name=f"above_{lane}")
+            m.d.comb += above.eq(C((1 << doubled_width) - (1 << (window - 1)), doubled_width) << shift_1)
+            sign = C(0, doubled_width) - product[-1]
+            rounded = Signal(signed(window), name=f"rounded_{lane}")
+            m.d.comb += rounded.eq((low + 1) >> 1)
             with m.If(advance):
                 m.d.sync += [
                     product.eq(self.i.payload.acc[lane] * self.i.payload.mult[lane]),
-                    shift_1.eq(shift_in),
-                    round_bias.eq((1 << shift_in) >> 1),
-                    partial.eq((product + round_bias) >> shift_1[:_FINE_BITS]),
-                    coarse.eq(shift_1[_FINE_BITS:]),
-                    self.o.payload[lane].eq(Mux(shifted > qmax, qmax, Mux(shifted < -qmax, -qmax, shifted))),
+                    shift_1.eq(self.i.payload.shift[lane]),
+                    low.eq(doubled >> shift_1),
+                    beyond.eq(((doubled.as_unsigned() ^ sign) & above).any()),
+                    negative.eq(product[-1]),
+                    self.o.payload[lane].eq(Mux(beyond, Mux(negative, -qmax, qmax),
+                                                Mux(rounded > qmax, qmax, Mux(rounded < -qmax, -qmax, rounded)))),
                 ]
         return m

@@ -49,6 +49,59 @@ def test_amaranth_sim_matches_golden_with_backpressure():
     assert received == expected
 
 
+def _edge_vectors(acc_width, out_width):
+    """(acc, mult, shift) whose results sit on every rounding tie and saturation boundary, at
+    every shift: products ``v * 2**shift + d`` for results ``v`` around ``±qmax`` and 0 and
+    offsets ``d`` around the tie ``2**(shift-1)``, with the acc range's ends."""
+    qmax = (1 << (out_width - 1)) - 1
+    lo, hi = -(1 << (acc_width - 1)), (1 << (acc_width - 1)) - 1
+    vectors = []
+    for shift in range(64):
+        half = 1 << shift >> 1
+        for v in (-qmax - 2, -qmax - 1, -qmax, -qmax + 1, -1, 0, 1, qmax - 1, qmax, qmax + 1, qmax + 2):
+            for d in {-half - 1, -half, -half + 1, half - 1, half, half + 1, 0}:
+                product = v * (1 << shift) + d
+                # product = acc * mult with mult < 2**31: the largest power-of-two mult that
+                # leaves acc in range, so that the product is exact
+                for mult_shift in range(30, -1, -1):
+                    acc, rest = divmod(product, 1 << mult_shift)
+                    if rest == 0 and lo <= acc <= hi:
+                        vectors.append((acc, 1 << mult_shift, shift))
+                        break
+        vectors += [(lo, (1 << 31) - 1, shift), (hi, (1 << 31) - 1, shift), (lo, 1, shift), (hi, 1, shift)]
+    return vectors
+
+
+@pytest.mark.parametrize(("acc_width", "out_width"), [(32, 8), (20, 6), (8, 3), (2, 2), (32, 16)])
+def test_rounding_ties_and_saturation_boundaries_at_every_shift(acc_width, out_width):
+    vectors = _edge_vectors(acc_width, out_width)
+    lanes = 64
+    vectors += [vectors[-1]] * (-len(vectors) % lanes)
+    beats = [vectors[i:i + lanes] for i in range(0, len(vectors), lanes)]
+    dut = Requantizer(acc_width=acc_width, out_width=out_width, lanes=lanes)
+    received = []
+
+    async def bench(ctx):
+        ctx.set(dut.o.ready, 1)
+        for index in range(len(beats) + Requantizer.LATENCY):
+            if index < len(beats):
+                for lane, (acc, mult, shift) in enumerate(beats[index]):
+                    ctx.set(dut.i.payload.acc[lane], acc)
+                    ctx.set(dut.i.payload.mult[lane], mult)
+                    ctx.set(dut.i.payload.shift[lane], shift)
+            ctx.set(dut.i.valid, index < len(beats))
+            await ctx.tick()
+            if ctx.get(dut.o.valid):
+                received.extend(int(ctx.get(dut.o.payload[lane])) for lane in range(lanes))
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-8)
+    sim.add_testbench(bench)
+    sim.run()
+    acc, mult, shift = (torch.tensor([v[i] for v in vectors]) for i in range(3))
+    assert received == requantize(acc, mult, shift, out_width).tolist()
+
+
 @pytest.mark.parametrize(("kwargs", "match"), [
     ({"acc_width": 33}, r"acc_width must be an integer in 2\.\.32, not 33"),
     ({"out_width": 1}, r"out_width must be an integer in 2\.\.16, not 1"),
