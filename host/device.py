@@ -161,7 +161,11 @@ class Device:
 
     def counters(self):
         """Every counter register by name (cycles, commands, engine and loader, link): the
-        register map's registers from ``CYCLES`` on, in one request."""
+        register map's registers from ``CYCLES`` on, in one request. A config built without
+        them (``device.counters: false``) raises :class:`~moegen.errors.UserError`."""
+        if "CYCLES" not in self.registers:
+            raise UserError(f"config {self.config.name!r} has no counter registers (device.counters: false); "
+                            "build it with device.counters: true to read them")
         names = list(self.registers)
         names = names[names.index("CYCLES"):]
         first = self.registers[names[0]].offset

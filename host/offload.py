@@ -367,7 +367,8 @@ class Offload:
         return self.config.image_layout.nbytes
 
     def device_counters(self):
-        if self.device is None:
+        """``BUSY_CYCLES``; 0 without a device or counters (``device.counters: false``)."""
+        if self.device is None or "BUSY_CYCLES" not in self.device.registers:
             return 0
         try:
             return self.device.read_reg("BUSY_CYCLES")

@@ -29,6 +29,7 @@ __all__ = [
     "PRESETS",
     "AccelConfig",
     "ArrayConfig",
+    "DeviceConfig",
     "LinkConfig",
     "LoaderConfig",
     "MemoryConfig",
@@ -38,7 +39,7 @@ __all__ = [
     "load_config",
 ]
 
-SCHEMA = 2
+SCHEMA = 3
 PRESETS = ("default", "tiny", "ulx3s-85f", "icebreaker")
 _POW2_8_TO_512 = (8, 16, 32, 64, 128, 256, 512)
 
@@ -177,6 +178,13 @@ class TargetConfig(_Section):
     clock_mhz: float = param(100.0, lo=1.0, hi=1000.0, doc="target clock")
 
 
+@dataclass(frozen=True)
+class DeviceConfig(_Section):
+    counters: bool = param(True, choices=(True, False),
+                           doc="the counter registers CYCLES..LINK_DROPPED; false leaves them out of the "
+                               "register map and the hardware (about 1,000 iCE40 LUTs)")
+
+
 def _required_acc_bits(act_width, weight_width, products):
     """Signed bits that hold any sum of ``products`` symmetric act x weight products."""
     largest = ((1 << (act_width - 1)) - 1) * ((1 << (weight_width - 1)) - 1) * products
@@ -193,6 +201,7 @@ class AccelConfig(_Section):
     model: ModelConfig = field(default_factory=ModelConfig)
     link: LinkConfig = field(default_factory=LinkConfig)
     target: TargetConfig = field(default_factory=TargetConfig)
+    device: DeviceConfig = field(default_factory=DeviceConfig)
 
     def _rules(self):
         lay = self.image_layout

@@ -104,22 +104,26 @@ def register_map(config):
         ("K", "rw", "experts per token of each layer", model.layers, r.k_max, False),
         ("TOP_P", "rw", "top-p threshold of each layer in weight units (reset: never cut)", model.layers,
          top_p_off, False),
-        # counters (wrap at 2**32)
-        ("CYCLES", "ro", "clock cycles since reset or clear", 1, 0, False),
-        ("BUSY_CYCLES", "ro", "cycles a command was running", 1, 0, False),
-        ("COMMANDS", "ro", "commands completed", 1, 0, False),
-        ("ROUTED_TOKENS", "ro", "tokens routed", 1, 0, False),
-        ("ENGINE_BUSY", "ro", "expert engine busy cycles", 1, 0, False),
-        ("ENGINE_STEPS", "ro", "array steps", 1, 0, False),
-        ("STALL_WEIGHTS", "ro", "cycles the array waited for weights", 1, 0, False),
-        ("STALL_ACTIVATIONS", "ro", "cycles the array waited for activations", 1, 0, False),
-        ("STALL_OUTPUT", "ro", "cycles the array waited on its output", 1, 0, False),
-        ("LOAD_CYCLES", "ro", "cycles with device-memory reads in flight for the loader", 1, 0, False),
-        ("LOAD_BYTES", "ro", "bytes the loader read", 1, 0, False),
-        ("IMAGE_ERRORS", "ro", "images refused: header << 16 | payload CRC", 1, 0, False),
-        ("LINK_FRAMES", "ro", "request frames executed", 1, 0, False),
-        ("LINK_DROPPED", "ro", "request frames dropped (CRC, oversize, idle timeout)", 1, 0, False),
     ]
+    if config.device.counters:
+        # counters (wrap at 2**32), the last registers: a config without them (device.counters:
+        # false) has the same offsets for all the others
+        entries += [
+            ("CYCLES", "ro", "clock cycles since reset or clear", 1, 0, False),
+            ("BUSY_CYCLES", "ro", "cycles a command was running", 1, 0, False),
+            ("COMMANDS", "ro", "commands completed", 1, 0, False),
+            ("ROUTED_TOKENS", "ro", "tokens routed", 1, 0, False),
+            ("ENGINE_BUSY", "ro", "expert engine busy cycles", 1, 0, False),
+            ("ENGINE_STEPS", "ro", "array steps", 1, 0, False),
+            ("STALL_WEIGHTS", "ro", "cycles the array waited for weights", 1, 0, False),
+            ("STALL_ACTIVATIONS", "ro", "cycles the array waited for activations", 1, 0, False),
+            ("STALL_OUTPUT", "ro", "cycles the array waited on its output", 1, 0, False),
+            ("LOAD_CYCLES", "ro", "cycles with device-memory reads in flight for the loader", 1, 0, False),
+            ("LOAD_BYTES", "ro", "bytes the loader read", 1, 0, False),
+            ("IMAGE_ERRORS", "ro", "images refused: header << 16 | payload CRC", 1, 0, False),
+            ("LINK_FRAMES", "ro", "request frames executed", 1, 0, False),
+            ("LINK_DROPPED", "ro", "request frames dropped (CRC, oversize, idle timeout)", 1, 0, False),
+        ]
     registers, offset = [], 0
     for name, access, doc, count, reset, constant in entries:
         registers.append(Register(name, offset, access, doc, count, reset, constant))
@@ -235,7 +239,7 @@ def c_header(config, stamp_text):
                 "MEM_BYTES": f"{config.memory.size_bytes}u", "MEM_WORD_BYTES": config.memory.port_width // 8,
                 "MAX_PAYLOAD": config.link.max_payload, "IMAGE_BYTES": config.image_layout.nbytes,
                 "ALIGN": ALIGN, "COMMAND_WORDS": COMMAND_WORDS, "QUEUE_COMMANDS": QUEUE_COMMANDS,
-                "WEIGHT_ONE": WEIGHT_ONE,
+                "WEIGHT_ONE": WEIGHT_ONE, "COUNTERS": int(config.device.counters),
                 "X_WORDS_PER_TOKEN": x_words(model.hidden), "ROUTE_WORDS_PER_TOKEN": route_words(r.k_max)}
     for name, value in geometry.items():
         define(f"MOEGEN_{name}", value)

@@ -87,7 +87,8 @@ class CommandProcessor(wiring.Component):
     error, fence : ``Out(32)``
         The ``ERROR`` and ``FENCE`` registers.
     totals : dict of counter name -> ``Out(32)``
-        ``COMMANDS``, ``ROUTED_TOKENS``, engine and loader counters (see :func:`register_map`).
+        ``COMMANDS``, ``ROUTED_TOKENS``, engine and loader counters (see :func:`register_map`);
+        only with ``device.counters``.
     """
 
     TOTALS = ("BUSY_CYCLES", "COMMANDS", "ROUTED_TOKENS", "ENGINE_BUSY", "ENGINE_STEPS", "STALL_WEIGHTS",
@@ -112,7 +113,8 @@ class CommandProcessor(wiring.Component):
             "error": Out(32),
             "fence": Out(32),
         }
-        members.update({name.lower(): Out(32) for name in self.TOTALS})
+        if config.device.counters:
+            members.update({name.lower(): Out(32) for name in self.TOTALS})
         super().__init__(members)
 
     def elaborate(self, platform):
@@ -246,12 +248,18 @@ class CommandProcessor(wiring.Component):
         engine_counters = {"ENGINE_BUSY": "busy", "ENGINE_STEPS": "steps", "STALL_WEIGHTS": "stall_weights",
                            "STALL_ACTIVATIONS": "stall_activations", "STALL_OUTPUT": "stall_output"}
         assert set(engine_counters.values()) == set(COUNTERS)
-        totals = {name: getattr(self, name.lower()) for name in self.TOTALS}
+        counting = config.device.counters
+        totals = {name: getattr(self, name.lower()) for name in self.TOTALS} if counting else {}
+
+        def count_up(name, amount):
+            """Statements adding ``amount`` to counter ``name`` (none without counters)."""
+            return [totals[name].eq(totals[name] + amount)] if counting else []
+
         # the loader's counters run from reset: report them from the last clear
         status = loader.status
         loader_counts = {"LOAD_CYCLES": status.load_cycles[:32], "LOAD_BYTES": status.bytes_loaded[:32],
                          "IMAGE_ERRORS": Cat(status.crc_errors[:16], status.header_errors[:16])}
-        for name, value in loader_counts.items():
+        for name, value in loader_counts.items() if counting else ():
             base = Signal(32, name=f"{name.lower()}_base")
             m.d.comb += totals[name].eq(value - base)
             with m.If(self.clear_counters):
@@ -365,7 +373,7 @@ class CommandProcessor(wiring.Component):
                     with m.Else():
                         m.d.sync += slot.eq(slot + 1)
                 with m.If((count == tokens) & ~writer.busy):
-                    m.d.sync += totals["ROUTED_TOKENS"].eq(totals["ROUTED_TOKENS"] + tokens)
+                    m.d.sync += count_up("ROUTED_TOKENS", tokens)
                     m.next = "DONE"
 
             # ---- RUN_EXPERT ---------------------------------------------------------
@@ -439,7 +447,7 @@ class CommandProcessor(wiring.Component):
                             m.d.sync += y_done.eq(1)
                 with m.If(y_done & loader_done):
                     for name, field in engine_counters.items():
-                        m.d.sync += totals[name].eq(totals[name] + getattr(engine.counters, field))
+                        m.d.sync += count_up(name, getattr(engine.counters, field))
                     m.next = "DONE"
 
             # ---- ACC_CLEAR / ACC_STORE ----------------------------------------------
@@ -478,13 +486,11 @@ class CommandProcessor(wiring.Component):
                 m.next = "FETCH"
             with m.State("DONE"):
                 m.d.comb += self.busy.eq(1)
-                m.d.sync += totals["COMMANDS"].eq(totals["COMMANDS"] + 1)
+                m.d.sync += count_up("COMMANDS", 1)
                 m.next = "FETCH"
-        m.d.sync += totals["BUSY_CYCLES"].eq(totals["BUSY_CYCLES"] + self.busy)
+        m.d.sync += count_up("BUSY_CYCLES", self.busy)
         with m.If(self.clear_counters):
-            for name in self.TOTALS:
-                if name not in loader_counts:
-                    m.d.sync += totals[name].eq(0)
+            m.d.sync += [totals[name].eq(0) for name in totals if name not in loader_counts]
         return m
 
 
@@ -566,18 +572,21 @@ class Accelerator(wiring.Component):
         busy = processor.busy | queue.r_rdy
         m.d.comb += self.idle.eq(~busy & ~link.receiving & ~link.busy)
         values = regs.values
-        cycles, frames_base, dropped_base = Signal(32), Signal(32), Signal(32)
-        m.d.sync += cycles.eq(Mux(control[1], 0, cycles + 1))
-        with m.If(control[1]):
-            m.d.sync += [frames_base.eq(link.frames), dropped_base.eq(link.dropped)]
         m.d.comb += [
             values["STATUS"][0].eq(Cat(busy, processor.error != 0, Const(0, 6), queue.level)),
             values["ERROR"][0].eq(processor.error),
             values["FENCE"][0].eq(processor.fence),
-            values["CYCLES"][0].eq(cycles),
-            values["LINK_FRAMES"][0].eq(link.frames - frames_base),
-            values["LINK_DROPPED"][0].eq(link.dropped - dropped_base),
         ]
-        for name in CommandProcessor.TOTALS:
-            m.d.comb += values[name][0].eq(getattr(processor, name.lower()))
+        if config.device.counters:
+            cycles, frames_base, dropped_base = Signal(32), Signal(32), Signal(32)
+            m.d.sync += cycles.eq(Mux(control[1], 0, cycles + 1))
+            with m.If(control[1]):
+                m.d.sync += [frames_base.eq(link.frames), dropped_base.eq(link.dropped)]
+            m.d.comb += [
+                values["CYCLES"][0].eq(cycles),
+                values["LINK_FRAMES"][0].eq(link.frames - frames_base),
+                values["LINK_DROPPED"][0].eq(link.dropped - dropped_base),
+            ]
+            for name in CommandProcessor.TOTALS:
+                m.d.comb += values[name][0].eq(getattr(processor, name.lower()))
         return m

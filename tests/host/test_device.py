@@ -2,7 +2,7 @@ import dataclasses
 
 import pytest
 
-from moegen.config import load_config
+from moegen.config import DeviceConfig, load_config
 from moegen.errors import UserError
 from moegen.golden.image import write_image
 from moegen.host.device import Device, DeviceError, DeviceMismatch, open_device
@@ -17,6 +17,16 @@ def test_driver_on_the_model_matches_golden(name):
     with open_device(config, "model") as device:
         check_device_matches_golden(device, config)
         assert device.counters()["COMMANDS"] > 0
+
+
+def test_driver_on_a_config_without_counters_runs_and_says_why_it_has_no_counters():
+    config = dataclasses.replace(load_config("tiny"), device=DeviceConfig(counters=False))
+    with open_device(config, "model") as device:
+        check_device_matches_golden(device, config)
+        with pytest.raises(UserError, match=r"config 'tiny' has no counter registers \(device.counters: false\)"):
+            device.counters()
+        with pytest.raises(UserError, match="unknown register 'CYCLES'"):
+            device.read_reg("CYCLES")
 
 
 def test_driver_refuses_a_device_built_from_another_config():

@@ -1,10 +1,11 @@
+import dataclasses
 import json
 
 import pytest
 from amaranth.sim import Simulator
 
-from moegen.config import PRESETS, load_config
-from moegen.rtl.regmap import ID_VALUE, MAP_VERSION, RegisterFile, map_json, register_map
+from moegen.config import PRESETS, DeviceConfig, load_config
+from moegen.rtl.regmap import ID_VALUE, MAP_VERSION, RegisterFile, c_header, map_json, register_map
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -25,6 +26,18 @@ def test_map_is_contiguous_word_aligned_and_fits_the_bus(name):
     data = json.loads(map_json(config))
     assert data["config_hash"] == f"0x{config.device_hash:08x}"
     assert [r["name"] for r in data["registers"]] == [r.name for r in registers]
+
+
+def test_without_counters_the_counter_registers_are_left_out_and_the_others_keep_their_offsets():
+    config = load_config("tiny")
+    bare = dataclasses.replace(config, device=DeviceConfig(counters=False))
+    full, without = register_map(config), register_map(bare)
+    counters = [reg.name for reg in full[full.index(next(r for r in full if r.name == "CYCLES")):]]
+    assert counters[-1] == "LINK_DROPPED" and len(counters) == 14
+    assert [(r.name, r.offset) for r in without] == [(r.name, r.offset) for r in full if r.name not in counters]
+    assert "#define MOEGEN_COUNTERS 1" in c_header(config, "/* stamp */")
+    header = c_header(bare, "/* stamp */")
+    assert "#define MOEGEN_COUNTERS 0" in header and "MOEGEN_REG_CYCLES" not in header
 
 
 def test_register_file_reads_writes_pulses_and_flags_unmapped_addresses():

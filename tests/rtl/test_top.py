@@ -1,9 +1,11 @@
+import dataclasses
+
 import pytest
 from amaranth import Elaboratable, Module, Signal
 from amaranth.lib import wiring
 from amaranth.sim import Simulator
 
-from moegen.config import load_config
+from moegen.config import DeviceConfig, load_config
 from moegen.golden.device import Command, CommandError, DeviceModel, ErrorSource, encode_command
 from moegen.rtl.memory import SimulatedMemory
 from moegen.rtl.testbench.device import Workload
@@ -67,7 +69,9 @@ def _simulate(config, writes, commands, *, read_bytes=0, cycles=200_000):
         else:
             raise AssertionError(f"still busy after {cycles} cycles")
         state["error"], state["fence"] = ctx.get(proc.error), ctx.get(proc.fence)
-        state["commands"], state["routed"] = ctx.get(proc.commands), ctx.get(proc.routed_tokens)
+        state["members"] = set(proc.signature.members)
+        if config.device.counters:
+            state["commands"], state["routed"] = ctx.get(proc.commands), ctx.get(proc.routed_tokens)
         storage = top.memory.storage
         state["mem"] = b"".join(ctx.get(storage.data[i]).to_bytes(port, "little") for i in range(read_bytes // port))
 
@@ -79,13 +83,17 @@ def _simulate(config, writes, commands, *, read_bytes=0, cycles=200_000):
 
 
 @pytest.mark.parametrize("errors", [False, True], ids=["clean", "error-stops-queue"])
-def test_processor_matches_the_device_model_on_tiny(errors):
-    config = load_config("tiny")
+@pytest.mark.parametrize("counters", [True, False], ids=["counters", "no-counters"])
+def test_processor_matches_the_device_model_on_tiny(errors, counters):
+    config = dataclasses.replace(load_config("tiny"), device=DeviceConfig(counters=counters))
     work = Workload(config, seed=3, errors=errors)
     state = _simulate(config, work.writes, work.commands, read_bytes=work.end)
     model = work.model
     assert (state["error"], state["fence"]) == (model.error, model.fence)
-    assert (state["commands"], state["routed"]) == (model.commands, model.routed_tokens)
+    if counters:
+        assert (state["commands"], state["routed"]) == (model.commands, model.routed_tokens)
+    else:
+        assert not {"commands", "routed_tokens", "busy_cycles"} & state["members"]
     for addr, nbytes in work.outputs:
         assert state["mem"][addr:addr + nbytes] == work.expected(addr, nbytes), f"buffer at {addr}"
     if errors:
