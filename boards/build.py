@@ -556,14 +556,20 @@ def _build_yowasp(report, work, spec, config, seed, steps, timeout_s, stop_after
     synth_resources = _synth_resources(family, spec, work / "stat.json")
     report.resources = synth_resources
     netlist = json.loads((work / "top.json").read_text())
+    base = [python_tool(pnr["tool"]), "-q", pnr["device"][spec.device], "--package", pnr["package"][spec.package],
+            "--json", "top.json", f"--{pnr['constraints']}", f"top.{pnr['constraints']}"]
+    if family == "ice40":
+        # an iCE40 logic cell holds a LUT, a FF and a carry, but a FF shares it only with the LUT
+        # that feeds it alone: the cells nextpnr packs (a second) are what must fit, not the LUTs
+        _run([*base, "-l", "pack.log", "--pack-only"], work, "pack.log", timeout_s)
+        report.resources = resources_from_pnr(family, utilization_from_log((work / "pack.log").read_text()),
+                                              synth_resources)
     check_fit(report, netlist)
     if stop_after == "synthesize":
         return False
 
     output = "top.config" if pnr["output"] == "textcfg" else "top.asc"
-    args = [python_tool(pnr["tool"]), "-q", "-l", "pnr.log", pnr["device"][spec.device],
-            "--package", pnr["package"][spec.package], "--json", "top.json",
-            f"--{pnr['constraints']}", f"top.{pnr['constraints']}", f"--{pnr['output']}", output,
+    args = [*base, "-l", "pnr.log", f"--{pnr['output']}", output,
             "--report", "pnr_report.json", "--detailed-timing-report", "--timing-allow-fail",
             "--freq", f"{config.target.clock_mhz:g}", "--seed", str(seed)]
     if "speed" in pnr:

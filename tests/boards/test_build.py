@@ -222,8 +222,8 @@ def test_missed_timing_names_the_clock_and_its_critical_path():
 @pytest.mark.synth
 def test_icebreaker_bitstream_of_the_board_top_is_stamped_and_reported(tmp_path):
     """The whole flow, every stage, on the smallest real target: the board top (PLL, reset,
-    UART bridge) around a byte echo, for the icebreaker config. The accelerator itself is
-    synthesized in the next test (it does not fit the UP5K, see docs/boards.md)."""
+    UART bridge) around a byte echo, for the icebreaker config. The accelerator itself does
+    not fit the UP5K (the next test, and docs/boards.md)."""
     config = load_config("icebreaker")
     lines = []
     report = build_bitstream(config, "icebreaker", out=tmp_path, design=Echo(), progress=lines.append)
@@ -241,6 +241,24 @@ def test_icebreaker_bitstream_of_the_board_top_is_stamped_and_reported(tmp_path)
     assert json.loads((tmp_path / "report.json").read_text())["status"] == "ok"
     again = build_bitstream(config, "icebreaker", out=tmp_path, design=Echo(), progress=lines.append)
     assert again.reused and again.clocks == report.clocks
+
+
+@pytest.mark.synth
+def test_smallest_accelerator_is_refused_by_the_up5k_in_packed_logic_cells(tmp_path):
+    """configs/ice40-min.yaml stops after synthesis: its logic cells as nextpnr packs them
+    (a FF shares a cell only with the LUT that feeds it alone, so more cells than LUTs) are
+    over the UP5K's 5,280, and the message names the largest consumers."""
+    config = load_config(Path(__file__).resolve().parents[2] / "configs" / "ice40-min.yaml")
+    with pytest.raises(BuildFailed) as failed:
+        build_bitstream(config, "icebreaker", out=tmp_path, progress=lambda line: None)
+    report = failed.value.report
+    luts = json.loads((tmp_path / "stat.json").read_text())["design"]["num_cells_by_type"]["SB_LUT4"]
+    cells = report.resources["luts"]["used"]
+    assert report.status == "does_not_fit" and cells > max(luts, 5280)
+    assert re.match(rf"config ice40-min does not fit icebreaker \(iCE40UP5K\): LUT: {cells} used of 5280",
+                    str(failed.value))
+    assert "largest LUT consumers (yosys cells): design.processor" in str(failed.value)
+    assert not (tmp_path / "manifest.json").exists() and not (tmp_path / "top.bin").exists()
 
 
 @pytest.mark.synth
