@@ -64,6 +64,10 @@ __all__ = [
 CODE_WIDTH = 4
 EXPERT_WIDTH = 16
 TOKENS_WIDTH = 16
+# header byte offsets of the expert id and of the payload CRC-32 (the fields every accepted
+# image has: LoaderGeometry.header_constants)
+_EXPERT_AT = 12
+_PAYLOAD_CRC_AT = 56
 #: Performance and error counters (``status``); cycle and byte counters wrap at 2**48.
 STATUS_LAYOUT = data.StructLayout({
     "load_cycles": unsigned(48),
@@ -241,9 +245,10 @@ class ImageChecker(wiring.Component):
     For every command, in order, one ``checked`` record: code 0 when the image may run, else
     the first failing :class:`~moegen.golden.image.ImageErrorCode` in golden's order (header
     in memory, magic, version, header CRC-32, config hash, expert id, shapes and offsets,
-    image in memory, payload CRC-32). It reads the 64-byte header, then, unless the image is
-    verified, the whole payload once (the verify pass: the CRC-32 is computed as it streams
-    and nothing is kept). A passed verify pass makes the image's address verified (a table of
+    image in memory, payload CRC-32). It reads the 64-byte header, checking each word as it
+    arrives (only the payload CRC-32 field is kept), then, unless the image is verified, the
+    whole payload once (the verify pass: the CRC-32 is computed as it streams and nothing is
+    kept). A passed verify pass makes the image's address verified (a table of
     ``verified_images`` entries, replaced round robin) until a write lands inside the image.
 
     Parameters
@@ -309,7 +314,6 @@ class ImageChecker(wiring.Component):
         m.d.sync += received.eq(beat & (to_receive == 1))
         m.submodules.crc = checksum = crc.catalog.CRC32_ISO_HDLC(8 * P).create()
         m.d.comb += [checksum.data.eq(word), checksum.valid.eq(beat), checksum.start.eq(beat & first)]
-        header = Signal(8 * HEADER_SIZE)
 
         # verified images: block addresses whose payload passed, forgotten when written
         cur = Signal(command_layout(g.addr_width))
@@ -339,27 +343,49 @@ class ImageChecker(wiring.Component):
             with m.If(insert):
                 m.d.sync += insert_at.eq(Mux(insert_at == g.verified_images - 1, 0, insert_at + 1))
 
-        # header checks, in golden's order
-        def fields_equal(checks):
-            return Cat(header[8 * at: 8 * (at + len(raw))] == int.from_bytes(raw, "little")
-                       for at, raw in checks).all()
+        # header checks: each header word is compared as it arrives. Per checked header byte,
+        # the code it belongs to and the byte it must hold (a constant, or the expected expert
+        # id's); a code's flag sticks once one of its bytes differed, until the next command
+        expected = {}
+        for code, fields in g.header_constants().items():
+            for at, raw in fields:
+                expected.update((at + k, (code, Const(byte, 8))) for k, byte in enumerate(raw))
+        expected.update((_EXPERT_AT + k, (ImageErrorCode.EXPERT_MISMATCH, cur.expert.word_select(k, 8)))
+                        for k in range(EXPERT_WIDTH // 8))
+        bad = {code: Signal(name=f"bad_{code.name.lower()}") for code, _ in expected.values()}
+        payload_crc = Signal(32)  # the header's payload CRC-32 field, kept for the verify pass
+        # the header word arriving now: the bytes it must hold, per code the bytes it checks
+        # (a mask), and per byte whether it differs from the one it must hold
+        must = Signal(8 * P)
+        checks = {code: Signal(P, name=f"checks_{code.name.lower()}") for code in bad}
+        differs = Cat(word.word_select(j, 8) != must.word_select(j, 8) for j in range(P))
 
-        constants = g.header_constants()
+        def header_word(i):
+            """``must`` and ``checks`` while header word ``i`` arrives (unchecked bytes: 0, in
+            no mask); keeps its bytes of the payload CRC-32 field."""
+            lanes = [expected.get(i * P + j, (None, Const(0, 8))) for j in range(P)]
+            m.d.comb += must.eq(Cat(value for _, value in lanes))
+            m.d.comb += [mask.eq(Cat(c == code for c, _ in lanes)) for code, mask in checks.items()]
+            for j in range(P):
+                at = i * P + j - _PAYLOAD_CRC_AT
+                if 0 <= at < 4:
+                    m.d.sync += payload_crc.word_select(at, 8).eq(word.word_select(j, 8))
+
+        # the header's code: its first failing check in golden's order
         fits = block <= size_blocks - image_blocks if image_blocks <= size_blocks else Const(0, 1)
         codes = [
-            (ImageErrorCode.BAD_MAGIC, fields_equal(constants[ImageErrorCode.BAD_MAGIC])),
-            (ImageErrorCode.BAD_VERSION, fields_equal(constants[ImageErrorCode.BAD_VERSION])),
+            (ImageErrorCode.BAD_MAGIC, ~bad[ImageErrorCode.BAD_MAGIC]),
+            (ImageErrorCode.BAD_VERSION, ~bad[ImageErrorCode.BAD_VERSION]),
             (ImageErrorCode.BAD_HEADER_CRC, checksum.match_detected),
-            (ImageErrorCode.HASH_MISMATCH, fields_equal(constants[ImageErrorCode.HASH_MISMATCH])),
-            (ImageErrorCode.EXPERT_MISMATCH, header[96:112] == cur.expert),
-            (ImageErrorCode.BAD_SHAPE, fields_equal(constants[ImageErrorCode.BAD_SHAPE])),
+            (ImageErrorCode.HASH_MISMATCH, ~bad[ImageErrorCode.HASH_MISMATCH]),
+            (ImageErrorCode.EXPERT_MISMATCH, ~bad[ImageErrorCode.EXPERT_MISMATCH]),
+            (ImageErrorCode.BAD_SHAPE, ~bad[ImageErrorCode.BAD_SHAPE]),
             (ImageErrorCode.TRUNCATED, fits),
         ]
         header_code = Signal(CODE_WIDTH)
         for code, ok in reversed(codes):
             with m.If(~ok):
                 m.d.comb += header_code.eq(code)
-        payload_crc = header[448:480]
 
         error = Signal(CODE_WIDTH)
         base = Cat(Const(0, block_shift), block)
@@ -368,6 +394,7 @@ class ImageChecker(wiring.Component):
                 m.d.comb += self.cmd.ready.eq(1)
                 with m.If(self.cmd.valid):
                     m.d.sync += [cur.eq(self.cmd.payload), dirty.eq(0), error.eq(0)]
+                    m.d.sync += [flag.eq(0) for flag in bad.values()]
                     with m.If(self.cmd.payload.addr[6:] >= size_blocks):
                         m.d.sync += error.eq(ImageErrorCode.TRUNCATED)
                         m.next = "HANDOFF"
@@ -375,8 +402,15 @@ class ImageChecker(wiring.Component):
                         m.d.sync += read(Cat(Const(0, block_shift), self.cmd.payload.addr[6:]), g.header_beats)
                         m.next = "HEADER"
             with m.State("HEADER"):
+                # the word's index in the header is header_beats - to_receive
                 with m.If(beat):
-                    m.d.sync += header.eq(Cat(header[8 * P:], word))
+                    with m.Switch(to_receive):
+                        for i in range(g.header_beats):
+                            with m.Case(g.header_beats - i):
+                                header_word(i)
+                    for code, flag in bad.items():
+                        with m.If((differs & checks[code]).any()):
+                            m.d.sync += flag.eq(1)
                 with m.If(received):
                     with m.If(header_code != 0):
                         m.d.sync += error.eq(header_code)
