@@ -7,7 +7,8 @@ C header ``moegen_regs.h`` (:mod:`moegen.generate`), and the host driver's const
 
 The CSR bus (:func:`csr_bus_signature`, from the initiator's side) is word-addressed:
 ``addr`` is a byte offset divided by 4. A read strobe ``r_stb`` returns ``r_data`` in the
-next cycle; a write strobe ``w_stb`` writes ``w_data`` in the same cycle. ``mapped`` tells,
+next cycle (the register's value in that cycle: the address is registered, the value is
+not); a write strobe ``w_stb`` writes ``w_data`` in the same cycle. ``mapped`` tells,
 combinationally, whether ``addr`` names a register; the link answers ``BAD_ADDRESS`` for an
 unmapped one and never touches it.
 
@@ -180,26 +181,31 @@ class RegisterFile(wiring.Component):
         for reg in self.registers:
             if reg.access == "wo":
                 m.d.sync += self.pulses[reg.name].eq(0)
+        # writes and ``mapped`` decode the bus address; reads decode it registered at the strobe
+        # (the read data is then a multiplexer behind a register, not behind the initiator's
+        # address logic: on ECP5 that path crossed the die)
+        read_addr = Signal.like(bus.addr)
+        with m.If(bus.r_stb):
+            m.d.sync += read_addr.eq(bus.addr)
         with m.Switch(bus.addr):
             for reg in self.registers:
                 for i in range(reg.count):
                     with m.Case(reg.offset // 4 + i):
                         m.d.comb += bus.mapped.eq(1)
-                        if reg.access == "rw":
-                            cell = self.storage[reg.name][i]
-                            with m.If(bus.w_stb):
-                                m.d.sync += cell.eq(bus.w_data)
-                            with m.If(bus.r_stb):
-                                m.d.sync += bus.r_data.eq(cell)
-                        elif reg.access == "wo":
-                            with m.If(bus.w_stb):
+                        with m.If(bus.w_stb):
+                            if reg.access == "rw":
+                                m.d.sync += self.storage[reg.name][i].eq(bus.w_data)
+                            elif reg.access == "wo":
                                 m.d.sync += self.pulses[reg.name].eq(bus.w_data)
-                            with m.If(bus.r_stb):
-                                m.d.sync += bus.r_data.eq(0)
-                        else:
-                            value = reg.reset if reg.constant else self.values[reg.name][i]
-                            with m.If(bus.r_stb):
-                                m.d.sync += bus.r_data.eq(value)
+        with m.Switch(read_addr):
+            for reg in self.registers:
+                for i in range(reg.count):
+                    if reg.access != "wo":
+                        with m.Case(reg.offset // 4 + i):
+                            if reg.access == "rw":
+                                m.d.comb += bus.r_data.eq(self.storage[reg.name][i])
+                            else:
+                                m.d.comb += bus.r_data.eq(reg.reset if reg.constant else self.values[reg.name][i])
         return m
 
 
