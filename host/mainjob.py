@@ -179,7 +179,7 @@ def _block(model, device, step, quantized, calibration, heldout, measure):
     return {"perplexity": ppl, "perplexity_reference": ppl_reference, "equals_reference": ppl == ppl_reference,
             "experts_on_device": len(device.experts), "routed_tokens": sum(t.routed_tokens),
             "routing_agreement": t.routing_agreement(),
-            "device_cycles": t.totals().device_cycles + t.route_totals()[1],
+            "device_cycles": t.totals().device_cycles + t.route_totals().device_cycles,
             "rows_per_batch": handle.block_rows}
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-__all__ = ["ExpertCounters", "Telemetry"]
+__all__ = ["ExpertCounters", "RouteCounters", "Telemetry"]
 
 
 @dataclass
@@ -34,6 +34,16 @@ class ExpertCounters:
     fallbacks: int = 0
 
 
+@dataclass
+class RouteCounters:
+    """ROUTE commands of a layer (block mode)."""
+
+    calls: int = 0
+    device_cycles: int = 0
+    link_bytes: int = 0
+    fallbacks: int = 0  # calls the host routed instead (the device failed)
+
+
 class Telemetry:
     """Counters per (layer, expert) and the hit/miss sequence."""
 
@@ -51,8 +61,7 @@ class Telemetry:
         self.routed_tokens = [0] * self.layers
         self.routing_differs = [0] * self.layers
         self.prediction = [0, 0]  # chosen experts that were predicted, chosen experts (prefetch)
-        #: Per layer, ROUTE commands (block mode): calls, device cycles, link bytes, fallbacks.
-        self.routes = [[0, 0, 0, 0] for _ in range(self.layers)]
+        self.routes = [RouteCounters() for _ in range(self.layers)]
 
     def __getitem__(self, index):
         layer, expert = index
@@ -78,14 +87,14 @@ class Telemetry:
 
     def route_call(self, layer, *, cycles, link_bytes, fallback):
         counts = self.routes[layer]
-        counts[0] += 1
-        counts[1] += cycles
-        counts[2] += link_bytes
-        counts[3] += fallback
+        counts.calls += 1
+        counts.device_cycles += cycles
+        counts.link_bytes += link_bytes
+        counts.fallbacks += fallback
 
     def route_totals(self):
-        """ROUTE commands over all layers: ``(calls, device cycles, link bytes, fallbacks)``."""
-        return tuple(sum(column) for column in zip(*self.routes, strict=True))
+        """ROUTE commands over all layers, as one :class:`RouteCounters`."""
+        return RouteCounters(*(sum(getattr(r, f.name) for r in self.routes) for f in fields(RouteCounters)))
 
     def routing_agreement(self):
         """Share of device-routed tokens whose experts equal the model's (nan: none routed)."""
@@ -143,9 +152,9 @@ class Telemetry:
         # on-demand moves stall the step; prefetches overlap with compute
         moved_bytes = t.weight_bytes * t.moves / max(1, t.moves + t.prefetches)
         moved_s = link.seconds(moved_bytes, t.moves)
-        routes, route_cycles, route_bytes, route_fallbacks = self.route_totals()
-        device_s = (t.device_cycles + route_cycles) / (clock_mhz * 1e6) \
-            + link.seconds(t.bytes_out + t.bytes_in + route_bytes, 4 * (device_calls + routes))
+        r = self.route_totals()
+        device_s = (t.device_cycles + r.device_cycles) / (clock_mhz * 1e6) \
+            + link.seconds(t.bytes_out + t.bytes_in + r.link_bytes, 4 * (device_calls + r.calls))
         total_s = host_s + moved_s + device_s
         return {
             "link": link.name,
@@ -156,10 +165,10 @@ class Telemetry:
             "moves": t.moves,
             "prefetches": t.prefetches,
             "weight_bytes_moved": t.weight_bytes,
-            "link_bytes_device": t.bytes_out + t.bytes_in + route_bytes,
-            "device_cycles": t.device_cycles + route_cycles,
-            "route_calls": routes,
-            "fallbacks": t.fallbacks + route_fallbacks,
+            "link_bytes_device": t.bytes_out + t.bytes_in + r.link_bytes,
+            "device_cycles": t.device_cycles + r.device_cycles,
+            "route_calls": r.calls,
+            "fallbacks": t.fallbacks + r.fallbacks,
             "host_s": host_s,
             "host_s_measured": t.host_s,
             "modeled_s_per_token": total_s / max(1, tokens),
