@@ -30,12 +30,13 @@ def run(args):
     from moegen.config import load_config
     from moegen.golden.expert import expert_int
     from moegen.golden.image import write_image
-    from moegen.host.device import open_device
+    from moegen.host.device import open_device, require_counters
     from moegen.host.sim import build, launch
     from moegen.rtl.testbench.device import random_tokens
     from moegen.rtl.testbench.loader import make_expert
 
     config = load_config(args.config)
+    require_counters(config, "moegen bench device")
     clock_hz = config.target.clock_mhz * 1e6
     qe = make_expert(config.image_layout, args.seed)
     rows, most = config.array.rows, config.model.max_tokens

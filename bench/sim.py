@@ -27,7 +27,7 @@ def run(args):
     from moegen.config import load_config
     from moegen.golden.device import WEIGHT_ONE
     from moegen.golden.image import write_image
-    from moegen.host.device import open_device
+    from moegen.host.device import open_device, require_counters
     from moegen.host.sim import build, launch, ram_verilog
     from moegen.rtl.testbench.device import Workload, random_tokens
     from moegen.rtl.testbench.loader import make_expert
@@ -35,6 +35,7 @@ def run(args):
     from moegen.simulation import run_cocotb
 
     config = load_config(args.config)
+    require_counters(config, "moegen bench sim")
     work = Workload(config, seed=args.seed)
     with launch(build(config)) as harness, open_device(config, "sim", address=harness.socket) as device:
         wrong = work.run_on(device)

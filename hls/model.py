@@ -338,11 +338,12 @@ def simulated_calls(config):
     Verilator harness (built when not cached): a cold call, then warm calls on 1, 2,
     ``rows - 1``, ``rows``, ``rows + 1`` and ``max_tokens`` tokens."""
     from ..golden.image import write_image
-    from ..host.device import open_device
+    from ..host.device import open_device, require_counters
     from ..host.sim import build, launch
     from ..rtl.testbench.device import random_tokens
     from ..rtl.testbench.loader import make_expert
 
+    require_counters(config, "the cycle model's calibration")
     rows, most = config.array.rows, config.model.max_tokens
     sizes = sorted({t for t in (1, 2, rows - 1, rows, rows + 1, most) if 1 <= t <= most})
     results = []

@@ -47,7 +47,7 @@ from ..rtl.regmap import ID_VALUE, MAP_VERSION, register_map
 from .link import LinkClient, LinkError, ModelTransport, SerialTransport, SocketTransport
 
 __all__ = ["DEVICES", "Device", "DeviceError", "DeviceMismatch", "DeviceTimeout", "ExpertHandle", "batch_bytes",
-           "model_link", "open_device", "route_bytes"]
+           "model_link", "open_device", "require_counters", "route_bytes"]
 
 
 class DeviceError(RuntimeError):
@@ -163,9 +163,7 @@ class Device:
         """Every counter register by name (cycles, commands, engine and loader, link): the
         register map's registers from ``CYCLES`` on, in one request. A config built without
         them (``device.counters: false``) raises :class:`~moegen.errors.UserError`."""
-        if "CYCLES" not in self.registers:
-            raise UserError(f"config {self.config.name!r} has no counter registers (device.counters: false); "
-                            "build it with device.counters: true to read them")
+        require_counters(self.config, "Device.counters()")
         names = list(self.registers)
         names = names[names.index("CYCLES"):]
         first = self.registers[names[0]].offset
@@ -332,6 +330,14 @@ class _Arena:
             raise DeviceError(f"device memory is full: a batch needs buffers above the {self.floor} bytes of "
                               f"expert images")
         return self.top
+
+
+def require_counters(config, reader):
+    """Raises :class:`~moegen.errors.UserError` unless ``config`` builds the counter registers
+    that ``reader`` (a command, a benchmark) reads: before it runs, not when it reads them."""
+    if not config.device.counters:
+        raise UserError(f"config {config.name!r} has no counter registers (device.counters: false), which "
+                        f"{reader} reads; use a config with device.counters: true")
 
 
 # -- transports ---------------------------------------------------------------------

@@ -60,7 +60,7 @@ def run(args):
     from ..errors import UserError
     from .demo import corpus
     from .demo.model import CONTEXT, calibration_ids, generate, load_demo, perplexity
-    from .device import open_device
+    from .device import open_device, require_counters
     from .offload import block_rows, offload
     from .policies import LINKS
     from .sim import build, launch
@@ -70,6 +70,7 @@ def run(args):
     if not 1 <= args.generate <= 1024:
         raise UserError(f"--generate must be in 1..1024, not {args.generate}")
     config = load_config(args.config)
+    require_counters(config, "make sim's report")
     step = _Progress()
     step(f"config {config.name} (device hash 0x{config.device_hash:08x}): building the simulated device")
     binary = build(config, progress=step)

@@ -360,6 +360,9 @@ class Offload:
         self.calibration = []
         self.host_cost = None
         self.previous = model.config._experts_implementation
+        if device is not None and not config.device.counters:
+            warnings.warn(f"moegen: config {config.name!r} has no counter registers (device.counters: false): "
+                          "the telemetry's device cycles read 0", RuntimeWarning, stacklevel=3)
 
     @property
     def expert_bytes(self):

@@ -122,6 +122,6 @@ async def device_matches_golden(dut):
     seconds = time.monotonic() - wall
     write_tb_report({"cycles": cycles, "seconds": seconds, "cycles_per_s": cycles / seconds,
                      "mismatches": mismatches, "violations": host.tx.violations,
-                     "commands": await host.read_reg(regs["COMMANDS"])})
+                     "commands": await host.read_reg(regs["COMMANDS"]) if "COMMANDS" in regs else None})
     assert not mismatches, f"output buffers at {mismatches} differ from golden"
     assert not host.tx.violations, host.tx.violations[:3]

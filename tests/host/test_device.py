@@ -5,7 +5,7 @@ import pytest
 from moegen.config import DeviceConfig, load_config
 from moegen.errors import UserError
 from moegen.golden.image import write_image
-from moegen.host.device import Device, DeviceError, DeviceMismatch, open_device
+from moegen.host.device import Device, DeviceError, DeviceMismatch, open_device, require_counters
 from moegen.host.link import LinkClient
 from moegen.rtl.testbench.device import check_device_matches_golden, random_tokens
 from moegen.rtl.testbench.loader import make_expert
@@ -27,6 +27,8 @@ def test_driver_on_a_config_without_counters_runs_and_says_why_it_has_no_counter
             device.counters()
         with pytest.raises(UserError, match="unknown register 'CYCLES'"):
             device.read_reg("CYCLES")
+    with pytest.raises(UserError, match=r"config 'tiny' has no counter registers .* which moegen bench sim reads"):
+        require_counters(config, "moegen bench sim")
 
 
 def test_driver_refuses_a_device_built_from_another_config():

@@ -93,7 +93,7 @@ BAD = [
     ("router: {logit_width: 8, logit_frac: 8}\n", "router.logit_frac", "must be below logit_width (8)"),
     ("target: {board: de10-nano}\n", "target.board", "'de10-nano' is not allowed; allowed one of ulx3s-85f"),
     ("target: {clock_mhz: fast}\n", "target.clock_mhz", "expected float, got 'fast' (str)"),
-    ("device: {counters: 0}\n", "device.counters", "expected bool, got 0 (int); allowed one of True, False"),
+    ("device: {counters: 0}\n", "device.counters", "expected bool, got 0 (int); allowed one of true, false"),
     ("array: 8\n", "array", "expected a mapping of keys, got 8 (int)"),
     ("array: {rows: 2}\narray: {rows: 4}\n", "", "duplicate key 'array'"),
     ("loader: {bank_bytes: 64}\n", "loader.bank_bytes", "cannot hold one weight tile of 1280 bytes"),

@@ -187,6 +187,17 @@ def test_requests_answer_like_golden(port_width):
     assert record["counters"] == (len(steps), 0)
 
 
+def test_without_counters_their_addresses_answer_bad_address():
+    """The icebreaker preset has no counter registers (device.counters: false): reading where
+    tiny has LINK_FRAMES is BAD_ADDRESS, the registers before them still answer."""
+    params = harness_params("icebreaker", mem_bytes=1024, idle_timeout=32, latency=3)
+    steps = [(encode_request(1, Opcode.READ_CSR, _word("LINK_FRAMES"), read_length=4), Status.BAD_ADDRESS),
+             (encode_request(2, Opcode.READ_CSR, _word("FENCE", "icebreaker"), read_length=4), Status.OK)]
+    got, expected, _, _ = simulate(params, [("send", f) for f, _ in steps] + [("gap", True)])
+    assert got == expected
+    assert [(r.seq, Status(r.status)) for r in responses(got)] == [(f[1], s) for f, s in steps]
+
+
 def test_a_header_inside_an_oversize_header_is_found_again():
     """The model rescans the nine bytes after a refused sync byte; so must the endpoint."""
     params = _params()

@@ -80,6 +80,15 @@ def test_register_file_reads_writes_pulses_and_flags_unmapped_addresses():
         # hardware-driven status values
         ctx.set(dut.values["FENCE"][0], 0xDEAD)
         assert await read(by_name["FENCE"].offset // 4) == (1, 0xDEAD)
+        # the read address is registered at the strobe, the value is the register's in the
+        # cycle after it (the bus moving on does not change what is read)
+        ctx.set(dut.bus.addr, by_name["FENCE"].offset // 4)
+        ctx.set(dut.bus.r_stb, 1)
+        await ctx.tick()
+        ctx.set(dut.bus.r_stb, 0)
+        ctx.set(dut.bus.addr, by_name["ID"].offset // 4)
+        ctx.set(dut.values["FENCE"][0], 0xBEEF)
+        assert ctx.get(dut.bus.r_data) == 0xBEEF
         # wo: the written bits for exactly one cycle, and reads give 0
         await write(by_name["CONTROL"].offset // 4, 3)
         assert ctx.get(dut.pulses["CONTROL"]) == 3
