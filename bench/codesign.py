@@ -53,15 +53,11 @@ def _variant(config, **array):
 
 
 def _resource_model_error():
-    from moegen.config import AccelConfig, load_config
-    from moegen.hls.model import ECP5_POINTS, resources
+    from moegen.hls.model import ECP5_POINTS, point_config, resources
 
     worst = 0.0
     for overrides, measured in ECP5_POINTS:
-        data = load_config("default").to_dict()
-        for section, values in overrides.items():
-            data[section].update(values)
-        modeled = resources(AccelConfig.from_dict(data))
+        modeled = resources(point_config(overrides))
         worst = max(worst, *(abs(modeled[key] - value) / value for key, value in measured.items()))
     return worst
 

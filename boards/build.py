@@ -403,9 +403,10 @@ def check_timing(report):
 
 
 #: Where the Python behind the design lives: moegen's checkout, the packages (Amaranth) and
-#: the standard library (contextlib)
-_SOURCE_ROOTS = (Path(__file__).resolve().parents[1], Path(amaranth.__file__).resolve().parents[1],
-                 Path(os.__file__).resolve().parent)
+#: the standard library (contextlib), each as imported and with its links resolved (a source
+#: path is the one Python imported the module by)
+_SOURCE_ROOTS = tuple({form for root in (Path(__file__).parents[1], Path(amaranth.__file__).parents[1],
+                                         Path(os.__file__).parent) for form in (root, root.resolve())})
 
 
 def portable_sources(rtlil):

@@ -37,9 +37,11 @@ __all__ = [
     "cycle_errors",
     "expert_cycles",
     "layer_cycles",
+    "point_config",
     "resources",
     "route_cycles",
     "simulated_calls",
+    "synthesize_points",
     "tokens_per_second",
 ]
 
@@ -321,7 +323,7 @@ def synthesize_points(points=ECP5_POINTS):
     for overrides, _ in points:
         with tempfile.TemporaryDirectory() as work:
             try:
-                report = build_bitstream(_point_config(overrides), "ulx3s-85f", out=work,
+                report = build_bitstream(point_config(overrides), "ulx3s-85f", out=work,
                                          stop_after="synthesize", progress=lambda line: None)
             except BuildFailed as failed:  # does not fit: the counts are in its report
                 report = failed.report
@@ -378,7 +380,8 @@ def _features(config):
     }
 
 
-def _point_config(overrides):
+def point_config(overrides):
+    """The default config with ``overrides`` (``{section: {field: value}}``), as :data:`ECP5_POINTS` gives them."""
     from ..config import AccelConfig, load_config
 
     data = load_config("default").to_dict()
@@ -390,7 +393,7 @@ def _point_config(overrides):
 def _fit():
     import numpy as np
 
-    configs = [_point_config(o) for o, _ in ECP5_POINTS]
+    configs = [point_config(o) for o, _ in ECP5_POINTS]
     fits = {}
     for kind, group in (("luts", "logic"), ("ffs", "logic"), ("brams", "brams")):
         x = np.array([_features(c)[group] for c in configs])

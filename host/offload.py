@@ -371,7 +371,7 @@ class Offload:
 
     def device_counters(self):
         """``BUSY_CYCLES``; 0 without a device or counters (``device.counters: false``)."""
-        if self.device is None or "BUSY_CYCLES" not in self.device.registers:
+        if self.device is None or not self.config.device.counters:
             return 0
         try:
             return self.device.read_reg("BUSY_CYCLES")

@@ -87,7 +87,7 @@ class Requantizer(wiring.Component):
             # unless q is beyond the window
             above = Signal(doubled_width, name=f"above_{lane}")
             m.d.comb += above.eq(C((1 << doubled_width) - (1 << (window - 1)), doubled_width) << shift_1)
-            sign = C(0, doubled_width) - product[-1]
+            sign = product[-1].replicate(doubled_width)
             rounded = Signal(signed(window), name=f"rounded_{lane}")
             m.d.comb += rounded.eq((low + 1) >> 1)
             with m.If(advance):

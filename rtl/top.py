@@ -248,18 +248,18 @@ class CommandProcessor(wiring.Component):
         engine_counters = {"ENGINE_BUSY": "busy", "ENGINE_STEPS": "steps", "STALL_WEIGHTS": "stall_weights",
                            "STALL_ACTIVATIONS": "stall_activations", "STALL_OUTPUT": "stall_output"}
         assert set(engine_counters.values()) == set(COUNTERS)
-        counting = config.device.counters
-        totals = {name: getattr(self, name.lower()) for name in self.TOTALS} if counting else {}
+        # no counters at all without device.counters
+        totals = {name: getattr(self, name.lower()) for name in self.TOTALS} if config.device.counters else {}
 
         def count_up(name, amount):
             """Statements adding ``amount`` to counter ``name`` (none without counters)."""
-            return [totals[name].eq(totals[name] + amount)] if counting else []
+            return [totals[name].eq(totals[name] + amount)] if totals else []
 
         # the loader's counters run from reset: report them from the last clear
         status = loader.status
         loader_counts = {"LOAD_CYCLES": status.load_cycles[:32], "LOAD_BYTES": status.bytes_loaded[:32],
                          "IMAGE_ERRORS": Cat(status.crc_errors[:16], status.header_errors[:16])}
-        for name, value in loader_counts.items() if counting else ():
+        for name, value in loader_counts.items() if totals else ():
             base = Signal(32, name=f"{name.lower()}_base")
             m.d.comb += totals[name].eq(value - base)
             with m.If(self.clear_counters):
