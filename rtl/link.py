@@ -178,9 +178,10 @@ class LinkEndpoint(wiring.Component):
         with m.If(take & (pushed != 0)):
             m.d.sync += [pushback.eq(pushback >> 8), pushed.eq(pushed - 1)]
 
-        m.submodules.rx_crc = rx_crc = crc.catalog.CRC32_ISO_HDLC(8).create()
-        m.submodules.tx_crc = tx_crc = crc.catalog.CRC32_ISO_HDLC(8).create()
-        m.d.comb += [rx_crc.data.eq(byte), tx_crc.data.eq(self.tx.payload)]
+        # one CRC-32 for both directions: a request is received whole before its response starts
+        m.submodules.crc = frame_crc = crc.catalog.CRC32_ISO_HDLC(8).create()
+        sending = Signal()  # the response's bytes feed the CRC
+        m.d.comb += frame_crc.data.eq(Mux(sending, self.tx.payload, byte))
 
         header_bits = Signal(8 * (REQUEST_HEADER.size - 1))
         header = data.View(request_header_layout(), header_bits)
@@ -313,13 +314,13 @@ class LinkEndpoint(wiring.Component):
 
         with m.FSM() as fsm:
             with m.State("HUNT"):
-                m.d.comb += [accepting.eq(1), rx_crc.start.eq(take & (byte == SYNC_REQUEST))]
+                m.d.comb += [accepting.eq(1), frame_crc.start.eq(take & (byte == SYNC_REQUEST))]
                 with m.If(take & (byte == SYNC_REQUEST)):
                     m.d.sync += count.eq(0)
                     m.next = "HEADER"
 
             with m.State("HEADER"):
-                m.d.comb += [accepting.eq(1), mid_frame.eq(1), rx_crc.valid.eq(take)]
+                m.d.comb += [accepting.eq(1), mid_frame.eq(1), frame_crc.valid.eq(take)]
                 payload_length = Mux(writes(incoming.opcode), incoming.length, 0)
                 with m.If(timed_out):
                     m.d.sync += self.dropped.eq(self.dropped + 1)
@@ -338,7 +339,7 @@ class LinkEndpoint(wiring.Component):
                             m.next = "TRAILER"
 
             with m.State("PAYLOAD"):
-                m.d.comb += [accepting.eq(1), mid_frame.eq(1), rx_crc.valid.eq(take),
+                m.d.comb += [accepting.eq(1), mid_frame.eq(1), frame_crc.valid.eq(take),
                              buffer_write.en.eq(Mux(take, 1 << count[:(B - 1).bit_length()], 0))]
                 with m.If(timed_out):
                     m.d.sync += self.dropped.eq(self.dropped + 1)
@@ -350,7 +351,7 @@ class LinkEndpoint(wiring.Component):
                         m.next = "TRAILER"
 
             with m.State("TRAILER"):
-                m.d.comb += [accepting.eq(1), mid_frame.eq(1), rx_crc.valid.eq(take)]
+                m.d.comb += [accepting.eq(1), mid_frame.eq(1), frame_crc.valid.eq(take)]
                 with m.If(timed_out):
                     m.d.sync += self.dropped.eq(self.dropped + 1)
                     m.next = "HUNT"
@@ -360,7 +361,7 @@ class LinkEndpoint(wiring.Component):
                         m.next = "CHECK"
 
             with m.State("CHECK"):
-                with m.If(rx_crc.match_detected):
+                with m.If(frame_crc.match_detected):
                     m.d.sync += self.frames.eq(self.frames + 1)
                     m.next = "DECIDE"
                 with m.Else():
@@ -419,8 +420,9 @@ class LinkEndpoint(wiring.Component):
                     self.tx.payload.eq(response_header.word_select(count[:3], 8)),
                     fetching.eq(reads),
                     csr_index.eq(fetched),
-                    tx_crc.start.eq(sent & (count == 0)),
-                    tx_crc.valid.eq(sent & (count != 0)),
+                    sending.eq(1),
+                    frame_crc.start.eq(sent & (count == 0)),
+                    frame_crc.valid.eq(sent & (count != 0)),
                 ]
                 with m.If(sent):
                     m.d.sync += count.eq(count + 1)
@@ -437,7 +439,8 @@ class LinkEndpoint(wiring.Component):
                     self.tx.payload.eq(fifo.r_data.word_select(entry_byte, 8)),
                     fetching.eq(1),
                     csr_index.eq(fetched),
-                    tx_crc.valid.eq(sent),
+                    sending.eq(1),
+                    frame_crc.valid.eq(sent),
                     pop.eq(sent & (entry_byte == entry_last)),
                 ]
                 with m.If(sent):
@@ -447,7 +450,7 @@ class LinkEndpoint(wiring.Component):
                         m.next = "SEND_CRC"
 
             with m.State("SEND_CRC"):
-                m.d.comb += [self.tx.valid.eq(1), self.tx.payload.eq(tx_crc.crc.word_select(count[:2], 8))]
+                m.d.comb += [self.tx.valid.eq(1), self.tx.payload.eq(frame_crc.crc.word_select(count[:2], 8))]
                 with m.If(sent):
                     m.d.sync += count.eq(count + 1)
                     with m.If(count == CRC_BYTES - 1):

@@ -12,6 +12,7 @@ from amaranth.lib import data, stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out, connect, flipped
+from amaranth.utils import bits_for
 
 from ..golden.device import (
     ALIGN,
@@ -121,18 +122,24 @@ class CommandProcessor(wiring.Component):
         m = Module()
         config = self.config
         r, a, model, mem = config.router, config.array, config.model, config.memory
-        count_width = 32
-
         m.submodules.router = router = TopKRouter.from_config(r)
         m.submodules.loader = loader = ExpertLoader.from_config(config)
         m.submodules.engine = engine = ExpertEngine.from_config(config)
         hidden_tiles = engine.hidden_tiles
         acc_depth = model.max_tokens * hidden_tiles
+        # Widths: a buffer that passed CHECK lies in device memory, so a DMA transfer counts at
+        # most its 32-bit words; ``count`` and ``progress`` count tokens (ROUTE: up to 0xFFFF),
+        # experts or accumulator entries; ``nbytes`` holds any length a command can ask for, so
+        # CHECK compares it before anything is narrowed.
+        dma_width = bits_for(mem.size_bytes // 4)
+        count_width = bits_for(max(0xFFFF, acc_depth, r.experts))
+        longest = 0xFFFF * max(r.experts, route_words(r.k_max), x_words(model.hidden), model.hidden)
+        nbytes_width = bits_for(4 * longest + (1 << self.port_shift))
         m.submodules.reader = reader = WordReader(
-            addr_width=self.addr_width, port_width=mem.port_width, burst_len=mem.burst_len, count_width=count_width,
+            addr_width=self.addr_width, port_width=mem.port_width, burst_len=mem.burst_len, count_width=dma_width,
             buffer_words=mem.outstanding * mem.burst_len)
         m.submodules.writer = writer = WordWriter(addr_width=self.addr_width, port_width=mem.port_width,
-                                                  count_width=count_width)
+                                                  count_width=dma_width)
         m.submodules.arbiter = arbiter = BurstArbiter(clients=2, addr_width=self.addr_width,
                                                       data_width=mem.port_width, burst_len=mem.burst_len,
                                                       outstanding=mem.outstanding)
@@ -184,10 +191,8 @@ class CommandProcessor(wiring.Component):
         # which has no length.
         placed = Signal(3)
         room = [Signal(range(mem.size_bytes + 1), name=f"room{i}") for i in range(2)]
-        span = [Signal(count_width, name=f"span{i}") for i in range(2)]
-        nbytes = [Signal(count_width + 3, name=f"nbytes{i}") for i in range(2)]
-        longest = 0xFFFF * max(r.experts, route_words(r.k_max), x_words(model.hidden), model.hidden)
-        assert longest < 1 << count_width
+        span = [Signal(dma_width, name=f"span{i}") for i in range(2)]
+        nbytes = [Signal(nbytes_width, name=f"nbytes{i}") for i in range(2)]
 
         def buffer(i, addr, length=None, *, pad=False):
             """Statements registering buffer ``i`` at ``addr`` of ``length`` words."""
