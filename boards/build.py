@@ -3,7 +3,7 @@ timing reports.
 
 The flow is a list of named stages, each reported with its elapsed seconds:
 
-1. **elaborate**: the accelerator (``Accelerator(config, memory="bram")``) in a
+1. **elaborate**: the accelerator (``Accelerator(config, memory="bram")``, ``"spram"`` on iCE40 UltraPlus) in a
    :class:`~moegen.boards.top.BoardTop` on the board's amaranth-boards platform; writes the
    RTLIL, the stamped Verilog and the constraints.
 2. **synthesize**: YoWASP yosys (``synth_ecp5``, ``synth_ice40 -dsp``); the resources it
@@ -422,7 +422,8 @@ def portable_sources(rtlil):
 def _elaborate(config, spec, design):
     from ..rtl.top import Accelerator  # the accelerator is elaborated only when no other design is given
 
-    top = BoardTop(config, spec, design if design is not None else Accelerator(config, memory="bram"))
+    memory = "spram" if spec.sprams else "bram"  # device memory in the large single-port RAMs where there are some
+    top = BoardTop(config, spec, design if design is not None else Accelerator(config, memory=memory))
     plan = board_platform(spec).prepare(top, name="top")
     files = dict(plan.files)
     if "top.il" in files:  # vendor platforms write only Verilog

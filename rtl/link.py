@@ -10,9 +10,9 @@ response's last byte has left):
 
 1. **Receive**: bytes are parsed one per cycle with a running CRC-32; a write's payload goes
    into a block RAM of ``max_payload`` bytes. A header announcing an oversize payload is
-   dropped with its sync byte and its other nine bytes are parsed again (a pushback buffer),
-   as the model rescans them. After the last CRC byte one cycle checks the CRC residue; a bad
-   frame is dropped with nothing executed.
+   dropped with its sync byte and its other nine bytes are parsed again (the header register
+   serves as their pushback buffer), as the model rescans them. After the last CRC byte one
+   cycle checks the CRC residue; a bad frame is dropped with nothing executed.
 2. **Decide** (one cycle): a retry of a write (same nonzero sequence number and opcode as the
    last executed request) replays the remembered status; otherwise every check of the
    model's order that needs no bus runs at once (opcode, lengths, alignment, memory range,
@@ -162,28 +162,30 @@ class LinkEndpoint(wiring.Component):
         port_shift = (P - 1).bit_length()
         items_max = self.max_payload // min(P, 4)
 
-        # ---- byte input: the pushback buffer (an oversize header's bytes) before rx
-        pushback = Signal(8 * (REQUEST_HEADER.size - 1))
+        # ---- byte input: an oversize header's own bytes (``pushed`` of them) before rx. The
+        # header register is their pushback buffer: it shifts in every byte the parser takes
+        # outside a frame too, so while its bytes are parsed again it rotates, and a header
+        # found among them fills it with its last nine bytes as any header does.
+        header_bits = Signal(8 * (REQUEST_HEADER.size - 1))
         pushed = Signal(range(REQUEST_HEADER.size))
         accepting = Signal()  # the parser takes a byte this cycle if one is offered
         byte = Signal(8)
         offered = Signal()
         take = Signal()
         m.d.comb += [
-            byte.eq(Mux(pushed != 0, pushback[:8], self.rx.payload)),
+            byte.eq(Mux(pushed != 0, header_bits[:8], self.rx.payload)),
             offered.eq((pushed != 0) | self.rx.valid),
             self.rx.ready.eq(accepting & (pushed == 0)),
             take.eq(accepting & offered),
         ]
         with m.If(take & (pushed != 0)):
-            m.d.sync += [pushback.eq(pushback >> 8), pushed.eq(pushed - 1)]
+            m.d.sync += pushed.eq(pushed - 1)
 
         # one CRC-32 for both directions: a request is received whole before its response starts
         m.submodules.crc = frame_crc = crc.catalog.CRC32_ISO_HDLC(8).create()
         sending = Signal()  # the response's bytes feed the CRC
         m.d.comb += frame_crc.data.eq(Mux(sending, self.tx.payload, byte))
 
-        header_bits = Signal(8 * (REQUEST_HEADER.size - 1))
         header = data.View(request_header_layout(), header_bits)
         incoming_bits = Cat(header_bits[8:], byte)  # the header with this cycle's byte shifted in
         incoming = data.View(request_header_layout(), incoming_bits)
@@ -315,6 +317,8 @@ class LinkEndpoint(wiring.Component):
         with m.FSM() as fsm:
             with m.State("HUNT"):
                 m.d.comb += [accepting.eq(1), frame_crc.start.eq(take & (byte == SYNC_REQUEST))]
+                with m.If(take):
+                    m.d.sync += header_bits.eq(incoming_bits)
                 with m.If(take & (byte == SYNC_REQUEST)):
                     m.d.sync += count.eq(0)
                     m.next = "HEADER"
@@ -330,8 +334,7 @@ class LinkEndpoint(wiring.Component):
                     with m.If(count == REQUEST_HEADER.size - 2):
                         m.d.sync += count.eq(0)
                         with m.If(payload_length > self.max_payload):
-                            m.d.sync += [self.dropped.eq(self.dropped + 1), pushback.eq(incoming_bits),
-                                         pushed.eq(REQUEST_HEADER.size - 1)]
+                            m.d.sync += [self.dropped.eq(self.dropped + 1), pushed.eq(REQUEST_HEADER.size - 1)]
                             m.next = "HUNT"
                         with m.Elif(payload_length != 0):
                             m.next = "PAYLOAD"

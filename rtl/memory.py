@@ -16,7 +16,7 @@ a word write port (``write``) for the host, and report every accepted write on `
 from fractions import Fraction
 from types import SimpleNamespace
 
-from amaranth import Array, ClockSignal, Instance, Module, Mux, Signal, unsigned
+from amaranth import Array, Cat, ClockSignal, Instance, Module, Mux, Signal, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.fifo import SyncFIFO
 from amaranth.lib.memory import Memory
@@ -26,9 +26,13 @@ from .params import check_int, reject
 
 __all__ = [
     "PORT_WIDTHS",
+    "SPRAM_BYTES",
+    "SPRAM_COUNT",
     "BlockRAMMemory",
     "BurstArbiter",
+    "SPRAMMemory",
     "SimulatedMemory",
+    "SinglePortRAM",
     "burst_read_signature",
     "check_port_width",
     "word_addr_width",
@@ -110,7 +114,7 @@ class _BurstMemory(wiring.Component):
     """Storage, write port and in-order burst reads; the subclasses choose the timing."""
 
     def __init__(self, *, size_bytes, port_width, burst_len, outstanding, latency, jitter, bandwidth, seed,
-                 external=False):
+                 external=False, single_port=None):
         self.size_bytes = size_bytes
         self.port_width = port_width
         self.burst_len = burst_len
@@ -126,13 +130,21 @@ class _BurstMemory(wiring.Component):
             "write": In(stream.Signature(write_layout(self.addr_width, port_width))),
             "written": Out(written_signature(self.addr_width)),
         })
+        #: One :class:`SinglePortRAM` holds the words (reads wait while a word is written), or
+        #: ``None``: a simple dual-port RAM does.
+        self.single_port = single_port
         #: The words (a simulator or a testbench may read and preload them); ``None`` when
-        #: ``external``: the Verilog module :data:`EXTERNAL_RAM` holds them.
-        self.storage = None if external else Memory(shape=self.port_width, depth=self.words, init=[])
+        #: ``external`` (the Verilog module :data:`EXTERNAL_RAM` holds them) or single-port.
+        self.storage = None if external or single_port else Memory(shape=self.port_width, depth=self.words, init=[])
 
     def elaborate(self, platform):
         m = Module()
-        if self.storage is None:
+        if self.single_port is not None:
+            m.submodules.storage = ram = self.single_port
+            write = SimpleNamespace(addr=Signal(self.addr_width), data=ram.w_data, en=ram.w_en)
+            read = SimpleNamespace(addr=Signal(self.addr_width), data=ram.r_data, en=Signal())
+            m.d.comb += [ram.addr.eq(Mux(write.en, write.addr, read.addr)), ram.r_en.eq(read.en)]
+        elif self.storage is None:
             write, read = _external_ram(m, self.addr_width, self.port_width, self.words)
         else:
             m.submodules.storage = storage = self.storage
@@ -200,7 +212,9 @@ class _BurstMemory(wiring.Component):
         beat = Signal(range(max(self.burst_len, 2)))
         out_valid = Signal()
         free = ~out_valid | self.read.data.ready
-        m.d.comb += spend.eq(queue.r_rdy & due & credit_ok & free)
+        # a single-port RAM reads only in cycles without a write
+        port_free = ~self.write.valid if self.single_port is not None else 1
+        m.d.comb += spend.eq(queue.r_rdy & due & credit_ok & free & port_free)
         m.d.comb += [
             read.addr.eq(head.addr + beat),
             read.en.eq(spend),
@@ -258,6 +272,144 @@ class BlockRAMMemory(_BurstMemory):
         mem = config.memory
         return cls(size_bytes=mem.size_bytes, port_width=mem.port_width, burst_len=mem.burst_len,
                    outstanding=mem.outstanding)
+
+
+class SPRAMMemory(_BurstMemory):
+    """Device memory in the iCE40 UltraPlus' single-port RAMs (:class:`SinglePortRAM`).
+
+    It behaves like :class:`BlockRAMMemory` (the same ports, in-order bursts, ``write``
+    always ready, the first word :data:`MIN_LATENCY` cycles after its request), except that
+    the RAM has one port: a burst's next word is read only in a cycle without a write, so
+    host writes delay reads and never wait.
+
+    Parameters
+    ----------
+    size_bytes, port_width, burst_len, outstanding : int
+        As for :class:`BlockRAMMemory`; at most :data:`SPRAM_BYTES` times four bytes (the
+        four SPRAMs of an iCE40UP5K).
+    primitive : bool
+        ``SB_SPRAM256KA`` instances (a bitstream, or a Verilator build with yosys'
+        simulation model of the cell); ``False``: an Amaranth memory that behaves the same.
+    """
+
+    def __init__(self, *, size_bytes, port_width, burst_len=16, outstanding=2, primitive=True):
+        _check_geometry(self, size_bytes, port_width, burst_len, outstanding)
+        ram = SinglePortRAM(depth=size_bytes // (port_width // 8), width=port_width, primitive=primitive)
+        super().__init__(size_bytes=size_bytes, port_width=port_width, burst_len=burst_len, outstanding=outstanding,
+                         latency=MIN_LATENCY, jitter=0, bandwidth=Fraction(1), seed=1, single_port=ram)
+
+    @classmethod
+    def from_config(cls, config, **overrides):
+        mem = config.memory
+        params = {"size_bytes": mem.size_bytes, "port_width": mem.port_width, "burst_len": mem.burst_len,
+                  "outstanding": mem.outstanding, **overrides}
+        return cls(**params)
+
+
+#: Bytes of one iCE40 UltraPlus SPRAM (``SB_SPRAM256KA``: 16,384 words of 16 bits).
+SPRAM_BYTES = 32768
+#: SPRAMs of an iCE40UP5K.
+SPRAM_COUNT = 4
+
+
+class SinglePortRAM(wiring.Component):
+    """A single-port RAM of ``depth`` words of ``width`` bits: in each cycle one word is
+    written (``w_en``) or read (``r_en``) at ``addr``; a write wins over a read.
+
+    A read's word is on ``r_data`` in the next cycle and stays there until the next read,
+    through any writes (the SPRAM's own output is undefined after a write cycle, so the
+    word is kept in a register when a write follows a read).
+
+    On iCE40 UltraPlus (``primitive``) the words are in ``SB_SPRAM256KA`` cells of 16,384
+    16-bit words: ``width // 16`` cells side by side per bank of 16,384 words (a byte-wide RAM
+    uses the cell's nibble write masks, two words per cell word), banks selected by the high
+    address bits; :data:`SPRAM_COUNT` cells at most.
+
+    Parameters
+    ----------
+    depth : int
+        Words, at least 2.
+    width : int
+        Bits per word: 8, 16, ..., 512.
+    primitive : bool
+        ``SB_SPRAM256KA`` instances, else an Amaranth memory.
+    """
+
+    def __init__(self, *, depth, width, primitive=True):
+        check_port_width(self, width)
+        self.depth = check_int(self, "depth", depth, 2, 1 << 32)
+        self.width = width
+        self.primitive = bool(primitive)
+        #: Cell words per RAM word (16-bit cells side by side) and RAM words per cell word.
+        self.columns = max(1, width // 16)
+        self.packed = 16 // width if width < 16 else 1
+        self.banks = -(-depth // (16384 * self.packed))
+        if self.primitive and self.columns * self.banks > SPRAM_COUNT:
+            reject(self, f"{depth} words of {width} bits need {self.columns * self.banks} SPRAMs of 16,384 x 16 "
+                         f"bits; an iCE40UP5K has {SPRAM_COUNT} (at most {SPRAM_COUNT * SPRAM_BYTES} bytes)")
+        super().__init__({
+            "addr": In(range(depth)),
+            "w_data": In(width),
+            "w_en": In(1),
+            "r_en": In(1),
+            "r_data": Out(width),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        reading = self.r_en & ~self.w_en
+        raw = Signal(self.width)  # the cells' (or the model's) output, valid after a read until a write
+        if self.primitive:
+            self._cells(m, reading, raw)
+        else:
+            m.submodules.words = words = Memory(shape=self.width, depth=self.depth, init=[])
+            write, read = words.write_port(), words.read_port()
+            m.d.comb += [write.addr.eq(self.addr), write.data.eq(self.w_data), write.en.eq(self.w_en),
+                         read.addr.eq(self.addr), read.en.eq(reading), raw.eq(read.data)]
+        fresh = Signal()  # raw holds the last read's word
+        held = Signal(self.width)
+        with m.If(reading):
+            m.d.sync += fresh.eq(1)
+        with m.Elif(self.w_en):
+            m.d.sync += fresh.eq(0)
+        with m.If(fresh):
+            m.d.sync += held.eq(raw)
+        m.d.comb += self.r_data.eq(Mux(fresh, raw, held))
+        return m
+
+    def _cells(self, m, reading, raw):
+        packed = self.packed
+        lane_bits = (packed - 1).bit_length()
+        cell_addr = Signal(14 + (self.banks - 1).bit_length())  # the cell word and the bank above it
+        m.d.comb += cell_addr.eq(self.addr >> lane_bits)
+        bank = cell_addr[14:] if self.banks > 1 else 0
+        lane = self.addr[:lane_bits] if packed > 1 else 0
+        read_bank = Signal(range(max(2, self.banks)))
+        read_lane = Signal(range(max(2, packed)))
+        with m.If(reading):
+            m.d.sync += [read_bank.eq(bank), read_lane.eq(lane)]
+        outputs = []
+        for b in range(self.banks):
+            selected = (self.w_en | reading) & (bank == b)
+            column_outputs = []
+            for c in range(self.columns):
+                out = Signal(16, name=f"spram{b}_{c}_out")
+                if packed > 1:
+                    data_in = self.w_data.replicate(packed)
+                    masks = Signal(4)
+                    m.d.comb += masks.eq(((1 << (4 // packed)) - 1) << (lane * (4 // packed)))
+                else:
+                    data_in = self.w_data[16 * c:16 * (c + 1)]
+                    masks = 0b1111
+                m.submodules[f"spram{b}_{c}"] = Instance(
+                    "SB_SPRAM256KA",
+                    i_ADDRESS=cell_addr[:14], i_DATAIN=data_in, i_MASKWREN=masks, i_WREN=self.w_en,
+                    i_CHIPSELECT=selected, i_CLOCK=ClockSignal(), i_STANDBY=0, i_SLEEP=0, i_POWEROFF=1,
+                    o_DATAOUT=out)
+                column_outputs.append(out)
+            outputs.append(Cat(*column_outputs))
+        word = Array(outputs)[read_bank] if self.banks > 1 else outputs[0]
+        m.d.comb += raw.eq(word.word_select(read_lane, self.width) if packed > 1 else word[:self.width])
 
 
 class SimulatedMemory(_BurstMemory):

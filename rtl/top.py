@@ -32,6 +32,7 @@ from .memory import (
     BlockRAMMemory,
     BurstArbiter,
     SimulatedMemory,
+    SPRAMMemory,
     burst_read_signature,
     word_addr_width,
     write_layout,
@@ -508,7 +509,8 @@ class Accelerator(wiring.Component):
     memory : str
         ``"sim"``: :class:`~moegen.rtl.memory.SimulatedMemory` with the config's latency;
         ``"harness"``: the same with its words in the Verilog RAM model of the harness;
-        ``"bram"``: :class:`~moegen.rtl.memory.BlockRAMMemory` (boards).
+        ``"bram"``: :class:`~moegen.rtl.memory.BlockRAMMemory` (boards); ``"spram"``:
+        :class:`~moegen.rtl.memory.SPRAMMemory` (iCE40 UltraPlus boards).
 
     Members
     -------
@@ -519,8 +521,8 @@ class Accelerator(wiring.Component):
     """
 
     def __init__(self, config, *, memory="sim"):
-        if memory not in ("sim", "harness", "bram"):
-            raise ValueError(f"memory must be 'sim', 'harness' or 'bram', not {memory!r}")
+        if memory not in ("sim", "harness", "bram", "spram"):
+            raise ValueError(f"memory must be 'sim', 'harness', 'bram' or 'spram', not {memory!r}")
         self.config = config
         self.memory = memory
         self.registers = register_map(config)
@@ -537,6 +539,8 @@ class Accelerator(wiring.Component):
         m.submodules.processor = processor = CommandProcessor(config)
         if self.memory == "bram":
             m.submodules.memory = memory = BlockRAMMemory.from_config(config)
+        elif self.memory == "spram":
+            m.submodules.memory = memory = SPRAMMemory.from_config(config)
         else:
             m.submodules.memory = memory = SimulatedMemory.from_config(config, external=self.memory == "harness")
         m.submodules.reads = reads = BurstArbiter(clients=2, addr_width=memory.addr_width, data_width=mem.port_width,

@@ -255,6 +255,7 @@ def test_smallest_accelerator_is_refused_by_the_up5k_in_packed_logic_cells(tmp_p
     luts = json.loads((tmp_path / "stat.json").read_text())["design"]["num_cells_by_type"]["SB_LUT4"]
     cells = report.resources["luts"]["used"]
     assert report.status == "does_not_fit" and cells > max(luts, 5280)
+    assert report.resources["sprams"]["used"] == 1  # the 4 KiB of device memory: one SPRAM, no EBR
     assert re.match(rf"config ice40-min does not fit icebreaker \(iCE40UP5K\): LUT: {cells} used of 5280",
                     str(failed.value))
     assert "largest LUT consumers (yosys cells): design.processor" in str(failed.value)

