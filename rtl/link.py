@@ -28,12 +28,19 @@ response's last byte has left):
 
 from amaranth import Cat, Const, Module, Mux, Signal, unsigned
 from amaranth.lib import crc, data, stream, wiring
-from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from ..golden.link import CRC_BYTES, REQUEST_HEADER, RESPONSE_HEADER, SYNC_REQUEST, SYNC_RESPONSE, Opcode, Status
-from .memory import burst_read_signature, check_port_width, word_addr_width, write_layout
+from .memory import (
+    UNCHECKED,
+    BlockFIFO,
+    burst_read_signature,
+    check_port_width,
+    registered_read_port,
+    word_addr_width,
+    write_layout,
+)
 from .params import check_int, reject
 from .regmap import csr_bus_signature
 
@@ -191,9 +198,10 @@ class LinkEndpoint(wiring.Component):
         incoming = data.View(request_header_layout(), incoming_bits)
         count = Signal(range(max(self.max_payload, REQUEST_HEADER.size)))  # bytes of this section so far
 
-        m.submodules.buffer = buffer = Memory(shape=8 * B, depth=self.max_payload // B, init=[])
+        # the payload: written while a frame arrives, read while it is executed
+        m.submodules.buffer = buffer = Memory(shape=8 * B, depth=self.max_payload // B, init=[], attrs=UNCHECKED)
         buffer_write = buffer.write_port(granularity=8)
-        buffer_read = buffer.read_port()
+        buffer_read = registered_read_port(m, buffer)
         m.d.comb += [
             buffer_write.addr.eq(count >> (B - 1).bit_length()),
             buffer_write.data.eq(Cat(byte for _ in range(B))),
@@ -274,7 +282,7 @@ class LinkEndpoint(wiring.Component):
 
         # ---- read engine: CSR words or memory bursts into a FIFO that the response drains
         fifo_width = max(32, self.port_width)
-        m.submodules.fifo = fifo = SyncFIFOBuffered(width=fifo_width, depth=self.fifo_depth)
+        m.submodules.fifo = fifo = BlockFIFO(width=fifo_width, depth=self.fifo_depth)
         reserved = Signal(range(self.fifo_depth + 1))  # words requested and not yet sent
         fetching = Signal()  # in a response whose payload is read
         request_valid = Signal()

@@ -42,6 +42,7 @@ from ..golden.router import (
     SIGMOID_IN_FRAC,
     SIGMOID_TABLE,
 )
+from .memory import UNCHECKED, registered_read_port
 from .params import check_int, reject
 
 __all__ = [
@@ -274,12 +275,13 @@ class _Lockstep:
             return value
         # a memory of depth `stages` read one slot ahead of the write: the oldest entry
         name = self._name(name)
-        mem = Memory(shape=unsigned(len(value)), depth=stages, init=[])
+        # (a slot is never read as it is written)
+        mem = Memory(shape=unsigned(len(value)), depth=stages, init=[], attrs=UNCHECKED)
         self.m.submodules[f"{name}_mem"] = mem
         pointer = Signal(range(stages), name=f"{name}_ptr")
         ahead = Mux(pointer == stages - 1, 0, pointer + 1)
         write = mem.write_port()
-        read = mem.read_port()
+        read = registered_read_port(self.m, mem)
         self.m.d.comb += [
             write.addr.eq(pointer), write.data.eq(value), write.en.eq(self.advance),
             read.addr.eq(ahead), read.en.eq(self.advance),

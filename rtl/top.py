@@ -9,7 +9,6 @@ register file and device memory.
 
 from amaranth import Array, Cat, Const, Module, Mux, Signal, signed
 from amaranth.lib import data, stream, wiring
-from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out, connect, flipped
 from amaranth.utils import bits_for
@@ -29,11 +28,14 @@ from .expert import COUNTERS, ExpertEngine
 from .link import LinkEndpoint
 from .loader import ExpertLoader
 from .memory import (
+    UNCHECKED,
+    BlockFIFO,
     BlockRAMMemory,
     BurstArbiter,
     SimulatedMemory,
     SPRAMMemory,
     burst_read_signature,
+    registered_read_port,
     word_addr_width,
     write_layout,
     written_signature,
@@ -156,9 +158,10 @@ class CommandProcessor(wiring.Component):
         m.submodules.table = table = Memory(shape=data.StructLayout({"row": 16, "weight": 16}),
                                             depth=max(2, model.max_tokens), init=[])
         table_w, table_r = table.write_port(), table.read_port()
+        # the accumulator: an entry read in the cycle it is written is never used
         m.submodules.acc = acc = Memory(shape=data.ArrayLayout(signed(32), a.cols), depth=max(2, acc_depth),
-                                        init=[])
-        acc_w, acc_r = acc.write_port(), acc.read_port()
+                                        init=[], attrs=UNCHECKED)
+        acc_w, acc_r = acc.write_port(), registered_read_port(m, acc)
 
         # The command being decoded or run, kept as FETCH takes its words (word 0, the opcode,
         # comes first): the opcode (7 for any above the last command), word 1 whole (the FENCE
@@ -560,7 +563,7 @@ class Accelerator(wiring.Component):
         queue_words = QUEUE_COMMANDS * COMMAND_WORDS
         m.submodules.link = link = LinkEndpoint.from_config(config, queue_words=queue_words)
         m.submodules.registers = regs = RegisterFile(self.registers)
-        m.submodules.queue = queue = SyncFIFOBuffered(width=32, depth=queue_words)
+        m.submodules.queue = queue = BlockFIFO(width=32, depth=queue_words)
         m.submodules.processor = processor = CommandProcessor(config)
         if self.memory == "bram":
             m.submodules.memory = memory = BlockRAMMemory.from_config(config)
