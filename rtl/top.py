@@ -155,9 +155,15 @@ class CommandProcessor(wiring.Component):
         connect(m, loader.params, engine.params)
         connect(m, loader.weights, engine.weights)
 
-        m.submodules.table = table = Memory(shape=data.StructLayout({"row": 16, "weight": 16}),
-                                            depth=max(2, model.max_tokens), init=[])
-        table_w, table_r = table.write_port(), table.read_port()
+        # the RUN_EXPERT table (written in TABLE, read while the expert runs): a row at or above
+        # max_tokens fails the command, so the bits below max_tokens hold any row that is used
+        row_bits = max(1, (model.max_tokens - 1).bit_length())
+        m.submodules.table = table = Memory(shape=data.StructLayout({"row": row_bits, "weight": 16}),
+                                            depth=max(2, model.max_tokens), init=[], attrs=UNCHECKED)
+        table_w, table_r = table.write_port(), registered_read_port(m, table)
+
+        def table_index(index):
+            return index if model.max_tokens > 1 else 0  # one token: entry 0 alone is used
         # the accumulator: an entry read in the cycle it is written is never used
         m.submodules.acc = acc = Memory(shape=data.ArrayLayout(signed(32), a.cols), depth=max(2, acc_depth),
                                         init=[], attrs=UNCHECKED)
@@ -252,7 +258,6 @@ class CommandProcessor(wiring.Component):
         y = Signal(engine.y.payload.shape())
         acc_step = Signal(range(4))
         tile = Signal(range(max(2, hidden_tiles)))
-        picked = Signal(table_r.data.shape())
         y_done = Signal()
         loader_done = Signal()
 
@@ -420,7 +425,8 @@ class CommandProcessor(wiring.Component):
                 m.next = "TABLE"
             with m.State("TABLE"):
                 m.d.comb += [self.busy.eq(1), reader.o.ready.eq(1),
-                             table_w.addr.eq(progress), table_w.data.eq(reader.o.payload),
+                             table_w.addr.eq(table_index(progress)),
+                             table_w.data.eq(Cat(reader.o.payload[:row_bits], reader.o.payload[16:])),
                              table_w.en.eq(reader.o.valid)]
                 with m.If(reader.o.valid):
                     m.d.sync += progress.eq(progress + 1)
@@ -460,17 +466,19 @@ class CommandProcessor(wiring.Component):
                 with m.If(loader.done.valid):
                     m.d.comb += loader.done.ready.eq(1)
                     m.d.sync += loader_done.eq(1)
-                # accumulate: 0 take y, read table; 1 read acc; 2 write acc
+                # accumulate: 0 take y, read table; 1 read acc; 2 write acc (the table entry
+                # read in 0 is held through 1 and 2)
+                picked = table_r.data
                 with m.Switch(acc_step):
                     with m.Case(0):
-                        m.d.comb += [engine.y.ready.eq(~y_done), table_r.addr.eq(engine.y.payload.token)]
+                        m.d.comb += [engine.y.ready.eq(~y_done), table_r.addr.eq(table_index(engine.y.payload.token))]
                         with m.If(engine.y.valid & engine.y.ready):
                             m.d.sync += [y.eq(engine.y.payload), acc_step.eq(1)]
                     with m.Case(1):
-                        m.d.comb += acc_r.addr.eq(table_r.data.row * hidden_tiles + tile)
-                        m.d.sync += [picked.eq(table_r.data), acc_step.eq(2)]
+                        m.d.comb += [table_r.en.eq(0), acc_r.addr.eq(picked.row * hidden_tiles + tile)]
+                        m.d.sync += acc_step.eq(2)
                     with m.Case(2):
-                        m.d.comb += [acc_w.addr.eq(picked.row * hidden_tiles + tile), acc_w.en.eq(1)]
+                        m.d.comb += [table_r.en.eq(0), acc_w.addr.eq(picked.row * hidden_tiles + tile), acc_w.en.eq(1)]
                         weight = Cat(picked.weight, Const(0, 1)).as_signed()
                         for c in range(a.cols):
                             m.d.comb += acc_w.data[c].eq(acc_r.data[c] + weight * y.values[c])
