@@ -133,12 +133,10 @@ class CommandProcessor(wiring.Component):
         acc_depth = model.max_tokens * hidden_tiles
         # Widths: a buffer that passed CHECK lies in device memory, so a DMA transfer counts at
         # most its 32-bit words; ``count`` and ``progress`` count tokens (ROUTE: up to 0xFFFF),
-        # experts or accumulator entries; ``nbytes`` holds any length a command can ask for, so
-        # CHECK compares it before anything is narrowed.
+        # experts or accumulator entries; ``nbytes`` holds a length up to the memory size, and
+        # ``beyond`` whether it is longer.
         dma_width = bits_for(mem.size_bytes // 4)
         count_width = bits_for(max(0xFFFF, acc_depth, r.experts))
-        longest = 0xFFFF * max(r.experts, route_words(r.k_max), x_words(model.hidden), model.hidden)
-        nbytes_width = bits_for(4 * longest + (1 << self.port_shift))
         m.submodules.reader = reader = WordReader(
             addr_width=self.addr_width, port_width=mem.port_width, burst_len=mem.burst_len, count_width=dma_width,
             buffer_words=mem.outstanding * mem.burst_len)
@@ -205,20 +203,28 @@ class CommandProcessor(wiring.Component):
         # address is aligned and at most the memory size), ``room`` (bytes from the address to
         # the end of memory), the length in words (``span``, the DMA count) and in bytes
         # (``nbytes``: 4 per word, padded to port words where the model pads). A buffer fits
-        # when it is placed and nbytes <= room. Buffer 0 (``addr[0]``, word 3, or word 1 for
+        # when it is placed, not beyond memory and nbytes <= room. Up to 32-bit ports the DMA
+        # count is ``nbytes`` in words (no padding). Buffer 0 (``addr[0]``, word 3, or word 1 for
         # ACC_STORE) is the ROUTE logits, the RUN_EXPERT activations and the ACC_STORE output;
         # 1 (``addr[1]``, word 4) the ROUTE output and the RUN_EXPERT table; 2 (word 1) the
         # RUN_EXPERT image, which has no length.
         placed = Signal()
         room = [Signal(range(mem.size_bytes + 1), name=f"room{i}") for i in range(2)]
-        span = [Signal(dma_width, name=f"span{i}") for i in range(2)]
-        nbytes = [Signal(nbytes_width, name=f"nbytes{i}") for i in range(2)]
+        nbytes = [Signal(len(room[i]), name=f"nbytes{i}") for i in range(2)]
+        beyond = [Signal(name=f"beyond{i}") for i in range(2)]
+        if self.port_shift <= 2:
+            span = [length[2:] for length in nbytes]
+        else:
+            span = [Signal(dma_width, name=f"span{i}") for i in range(2)]
 
         def buffer(i, length, *, pad=False):
             """Statements registering buffer ``i`` of ``length`` words."""
-            size = length << 2
-            return [room[i].eq(mem.size_bytes - (addr[i] << align_bits)), span[i].eq(length),
-                    nbytes[i].eq(padded(size) if pad else size)]
+            size = padded(length << 2) if pad else length << 2
+            statements = [room[i].eq(mem.size_bytes - (addr[i] << align_bits)), nbytes[i].eq(size),
+                          beyond[i].eq(size[len(nbytes[i]):].any())]
+            if self.port_shift > 2:
+                statements.append(span[i].eq(length))
+            return statements
 
         m.d.comb += self.error.eq(failure)
         with m.If(self.clear_error):
@@ -334,7 +340,7 @@ class CommandProcessor(wiring.Component):
                 # the opcode, layer and counts; the buffers go to CHECK (counts above their limits
                 # fail here, so their low 16 bits make the lengths)
                 m.d.comb += self.busy.eq(1)
-                m.d.sync += [placed.eq(1), *(length.eq(0) for length in nbytes)]
+                m.d.sync += [placed.eq(1), *(length.eq(0) for length in nbytes), *(flag.eq(0) for flag in beyond)]
                 n = tokens
                 with m.If(failure != 0):
                     m.next = "FETCH"  # discarded: an earlier command failed
@@ -374,7 +380,7 @@ class CommandProcessor(wiring.Component):
             with m.State("CHECK"):
                 # the buffers DECODE registered
                 m.d.comb += self.busy.eq(1)
-                fit = placed & (nbytes[0] <= room[0]) & (nbytes[1] <= room[1])
+                fit = placed & ~Cat(beyond).any() & (nbytes[0] <= room[0]) & (nbytes[1] <= room[1])
                 with m.If(~fit):
                     fail(ErrorSource.COMMAND, CommandError.BAD_ADDRESS)
                 with m.Elif(op == Command.ROUTE):

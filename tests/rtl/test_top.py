@@ -114,6 +114,18 @@ def test_processor_matches_the_device_model_on_ice40_min(errors):
         assert state["mem"][addr:addr + nbytes] == work.expected(addr, nbytes), f"buffer at {addr}"
 
 
+@pytest.mark.parametrize("port_width", [64, 128])
+def test_processor_matches_the_device_model_on_wide_ports(port_width):
+    """Ports wider than a word: padded outputs, DMA counts kept apart from the byte lengths."""
+    config = load_config("tiny")
+    config = dataclasses.replace(config, memory=dataclasses.replace(config.memory, port_width=port_width))
+    work = Workload(config, seed=6, errors=True)
+    state = _simulate(config, work.writes, work.commands, read_bytes=work.end)
+    assert (state["error"], state["fence"]) == (work.model.error, work.model.fence)
+    for addr, nbytes in work.outputs:
+        assert state["mem"][addr:addr + nbytes] == work.expected(addr, nbytes), f"buffer at {addr}"
+
+
 _TINY = load_config("tiny")
 _END = _TINY.memory.size_bytes
 # tiny: 4 experts (16 logit bytes a token), 3 route words, hidden 16 (64 accumulator bytes a row)
