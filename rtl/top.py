@@ -489,7 +489,7 @@ class CommandProcessor(wiring.Component):
                         for c in range(a.cols):
                             m.d.comb += acc_w.data[c].eq(acc_r.data[c] + weight * y.values[c])
                         m.d.sync += acc_step.eq(0)
-                        with m.If(y.token == tokens - 1):
+                        with m.If(y.token + 1 == tokens):
                             m.d.sync += tile.eq(tile + 1)
                         with m.If(y.last):
                             m.d.sync += y_done.eq(1)
@@ -506,7 +506,7 @@ class CommandProcessor(wiring.Component):
                     for c in range(a.cols):
                         m.d.comb += acc_w.data[c].eq(0)
                     m.d.sync += progress.eq(progress + 1)
-                    with m.If(progress == count - 1):
+                    with m.If(progress + 1 == count):
                         m.next = "DONE"
                 with m.Else():
                     m.d.comb += write_cmd(addr[0], span[0])
