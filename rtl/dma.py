@@ -12,10 +12,9 @@ words (the command addresses are 64-byte aligned; a host rounds buffer sizes up 
 
 from amaranth import Cat, Module, Mux, Signal, unsigned
 from amaranth.lib import data, stream, wiring
-from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
-from .memory import burst_read_signature, check_port_width, write_layout
+from .memory import BlockFIFO, burst_read_signature, check_port_width, write_layout
 from .params import check_int
 
 __all__ = ["WordReader", "WordWriter", "port_words"]
@@ -80,7 +79,8 @@ class WordReader(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         pw = self.port_width
-        m.submodules.buffer = buffer = SyncFIFOBuffered(width=pw, depth=self.buffer_words)
+        # in block RAM even when it holds a few words (iCE40: one 4-kbit RAM for 70 flip-flops)
+        m.submodules.buffer = buffer = BlockFIFO(width=pw, depth=self.buffer_words, block=True)
         m.d.comb += [
             self.mem.data.ready.eq(1),
             buffer.w_en.eq(self.mem.data.valid),

@@ -28,12 +28,19 @@ response's last byte has left):
 
 from amaranth import Cat, Const, Module, Mux, Signal, unsigned
 from amaranth.lib import crc, data, stream, wiring
-from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from ..golden.link import CRC_BYTES, REQUEST_HEADER, RESPONSE_HEADER, SYNC_REQUEST, SYNC_RESPONSE, Opcode, Status
-from .memory import burst_read_signature, check_port_width, word_addr_width, write_layout
+from .memory import (
+    UNCHECKED,
+    BlockFIFO,
+    burst_read_signature,
+    check_port_width,
+    registered_read_port,
+    word_addr_width,
+    write_layout,
+)
 from .params import check_int, reject
 from .regmap import csr_bus_signature
 
@@ -191,9 +198,14 @@ class LinkEndpoint(wiring.Component):
         incoming = data.View(request_header_layout(), incoming_bits)
         count = Signal(range(max(self.max_payload, REQUEST_HEADER.size)))  # bytes of this section so far
 
-        m.submodules.buffer = buffer = Memory(shape=8 * B, depth=self.max_payload // B, init=[])
+        def last_index(nbytes):
+            """``nbytes - 1`` at ``count``'s width, for a section of 1..max_payload bytes."""
+            return (nbytes[:len(count)] - 1)[:len(count)]
+
+        # the payload: written while a frame arrives, read while it is executed
+        m.submodules.buffer = buffer = Memory(shape=8 * B, depth=self.max_payload // B, init=[], attrs=UNCHECKED)
         buffer_write = buffer.write_port(granularity=8)
-        buffer_read = buffer.read_port()
+        buffer_read = registered_read_port(m, buffer)
         m.d.comb += [
             buffer_write.addr.eq(count >> (B - 1).bit_length()),
             buffer_write.data.eq(Cat(byte for _ in range(B))),
@@ -222,8 +234,14 @@ class LinkEndpoint(wiring.Component):
         mem_base = address[port_shift:]
         last = Signal(data.StructLayout({"valid": 1, "seq": 8, "opcode": 8, "status": 8}))
 
+        # The checks in the model's order: past the BAD_LENGTH of an oversize request the
+        # length is at most max_payload, and the later checks compare only its low bits (a
+        # memory range check adds them to the address's low bits, which reach the size).
         decided = Signal(8)
         word_length_bad = (length[:2] != 0) | (length == 0)
+        short_length = length[:self.max_payload.bit_length()]
+        mem_bits = self.mem_bytes.bit_length()
+        beyond_memory = address[mem_bits:].any() | (address[:mem_bits] + short_length > self.mem_bytes)
         with m.If(opcode > max(Opcode)):
             m.d.comb += decided.eq(Status.BAD_OPCODE)
         with m.Elif(length > self.max_payload):
@@ -235,9 +253,9 @@ class LinkEndpoint(wiring.Component):
         with m.Elif(is_mem & (length[:port_shift] != 0 if port_shift else 0)):
             m.d.comb += decided.eq(Status.BAD_LENGTH)
         with m.Elif(is_mem & ((address[:port_shift] != 0 if port_shift else 0)
-                              | (address + length > self.mem_bytes))):
+                              | beyond_memory)):
             m.d.comb += decided.eq(Status.BAD_ADDRESS)
-        with m.Elif(is_submit & (length[2:] > self.submit_space)):
+        with m.Elif(is_submit & (short_length[2:] > self.submit_space)):
             m.d.comb += decided.eq(Status.QUEUE_FULL)
         with m.Else():
             m.d.comb += decided.eq(Status.OK)
@@ -250,9 +268,12 @@ class LinkEndpoint(wiring.Component):
         item = Signal(range(items_max + 1))  # range check and write pipeline: the next item
         fetched = Signal(range(items_max + 1))  # reads: items requested
         csr_index = Signal(range(items_max + 1))
-        csr_word = Signal(len(csr_base) + 1)
-        m.d.comb += [csr_word.eq(csr_base + csr_index), self.csr.addr.eq(csr_word)]
-        csr_in_range = csr_word < (1 << len(self.csr.addr))
+        # the word's CSR address: the base's low bits plus the index, in range without a carry
+        # out of them and with the base's high bits zero
+        csr_bits = len(self.csr.addr)
+        csr_word = Signal(max(csr_bits, len(csr_index)) + 1)
+        m.d.comb += [csr_word.eq(csr_base[:csr_bits] + csr_index), self.csr.addr.eq(csr_word)]
+        csr_in_range = ~csr_word[csr_bits:].any() & ~csr_base[csr_bits:].any()
 
         # ---- write pipeline: buffer word read (one cycle), then the item to its sink
         stage_valid = Signal()
@@ -274,7 +295,7 @@ class LinkEndpoint(wiring.Component):
 
         # ---- read engine: CSR words or memory bursts into a FIFO that the response drains
         fifo_width = max(32, self.port_width)
-        m.submodules.fifo = fifo = SyncFIFOBuffered(width=fifo_width, depth=self.fifo_depth)
+        m.submodules.fifo = fifo = BlockFIFO(width=fifo_width, depth=self.fifo_depth)
         reserved = Signal(range(self.fifo_depth + 1))  # words requested and not yet sent
         fetching = Signal()  # in a response whose payload is read
         request_valid = Signal()
@@ -349,7 +370,7 @@ class LinkEndpoint(wiring.Component):
                     m.next = "HUNT"
                 with m.Elif(take):
                     m.d.sync += count.eq(count + 1)
-                    with m.If(count == length - 1):
+                    with m.If(count == last_index(length)):
                         m.d.sync += count.eq(0)
                         m.next = "TRAILER"
 
@@ -448,7 +469,7 @@ class LinkEndpoint(wiring.Component):
                 ]
                 with m.If(sent):
                     m.d.sync += [count.eq(count + 1), entry_byte.eq(Mux(entry_byte == entry_last, 0, entry_byte + 1))]
-                    with m.If(count == response_length - 1):
+                    with m.If(count == last_index(response_length)):
                         m.d.sync += count.eq(0)
                         m.next = "SEND_CRC"
 

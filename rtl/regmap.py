@@ -10,7 +10,7 @@ The CSR bus (:func:`csr_bus_signature`, from the initiator's side) is word-addre
 next cycle (the register's value in that cycle: the address is registered, the value is
 not); a write strobe ``w_stb`` writes ``w_data`` in the same cycle. ``mapped`` tells,
 combinationally, whether ``addr`` names a register; the link answers ``BAD_ADDRESS`` for an
-unmapped one and never touches it.
+unmapped one and never touches it (a read of one returns an unspecified value).
 
 Access kinds:
 
@@ -183,8 +183,10 @@ class RegisterFile(wiring.Component):
                 m.d.sync += self.pulses[reg.name].eq(0)
         # writes and ``mapped`` decode the bus address; reads decode it registered at the strobe
         # (the read data is then a multiplexer behind a register, not behind the initiator's
-        # address logic: on ECP5 that path crossed the die)
-        read_addr = Signal.like(bus.addr)
+        # address logic: on ECP5 that path crossed the die), and only the bits that tell the
+        # registers apart: a read of an unmapped address is never made
+        words = max(reg.offset // 4 + reg.count for reg in self.registers)
+        read_addr = Signal(max(1, (words - 1).bit_length()))
         with m.If(bus.r_stb):
             m.d.sync += read_addr.eq(bus.addr)
         with m.Switch(bus.addr):

@@ -11,7 +11,8 @@ Structure (every stage advances in lockstep with the output, see :class:`TopKRou
 * **normalization**: exps of the selected logits (the top-1 exp is exactly ``2**16``), a
   masked sum of the first ``k``, an exact pipelined reciprocal ``floor(2**40 / S)``
   (restoring division, :data:`DIVIDER_BITS_PER_STAGE` quotient bits per stage), one multiply
-  per weight with round-half-up, then the top-p cut.
+  per weight with round-half-up, then the top-p cut. With ``k_max`` 1 in ``softmax_topk_renorm``
+  the one weight is the constant 1.0: no divider, and no ``k``/``top_p`` travel along.
 * ``softmax_topk`` needs the sum of all exps relative to the token's maximum, which is known
   only after the last beat: a first pass finds the maximum while the beats wait in a buffer,
   and a second pass reads them back for selection and the sum (:attr:`TopKRouter.LATENCY`
@@ -41,6 +42,7 @@ from ..golden.router import (
     SIGMOID_IN_FRAC,
     SIGMOID_TABLE,
 )
+from .memory import UNCHECKED, registered_read_port
 from .params import check_int, reject
 
 __all__ = [
@@ -273,12 +275,13 @@ class _Lockstep:
             return value
         # a memory of depth `stages` read one slot ahead of the write: the oldest entry
         name = self._name(name)
-        mem = Memory(shape=unsigned(len(value)), depth=stages, init=[])
+        # (a slot is never read as it is written)
+        mem = Memory(shape=unsigned(len(value)), depth=stages, init=[], attrs=UNCHECKED)
         self.m.submodules[f"{name}_mem"] = mem
         pointer = Signal(range(stages), name=f"{name}_ptr")
         ahead = Mux(pointer == stages - 1, 0, pointer + 1)
         write = mem.write_port()
-        read = mem.read_port()
+        read = registered_read_port(self.m, mem)
         self.m.d.comb += [
             write.addr.eq(pointer), write.data.eq(value), write.en.eq(self.advance),
             read.addr.eq(ahead), read.en.eq(self.advance),
@@ -518,14 +521,18 @@ class TopKRouter(wiring.Component):
         k = self.k
         k_bad = (k == 0) | (k > self.k_max)
         k_clamped = Mux(k == 0, 1, Mux(k > self.k_max, self.k_max, k))[:self.k_max.bit_length()]
-        info_new = Cat(k_clamped, self.top_p)
-        info_held = Signal(len(info_new), name="in_info")
-        info = Mux(first, info_new, info_held)
+        # the token's controls; with k_max 1 the clamped k is always 1 and top-p never cuts
+        info_new = Cat(k_clamped, self.top_p) if self.k_max > 1 else Cat()
+        info = info_new
+        if len(info_new):
+            info_held = Signal(len(info_new), name="in_info")
+            info = Mux(first, info_new, info_held)
 
         with m.If(accept):
             m.d.sync += beat.eq(Mux(final, 0, beat + 1))
-            with m.If(first):
-                m.d.sync += info_held.eq(info_new)
+            if len(info_new):
+                with m.If(first):
+                    m.d.sync += info_held.eq(info_new)
         with m.If(self.clear_errors):
             m.d.sync += [self.k_error.eq(0), self.framing_error.eq(0)]
         with m.If(accept & first & k_bad):
@@ -799,39 +806,49 @@ class TopKRouter(wiring.Component):
         info = pipe.delay(info, value_stages, "val_info")
         total = pipe.delay(token["sum"], value_stages, "val_sum") if self.two_pass else None
 
-        # S: all exps (softmax_topk) or the first k values
-        kk = info[:kb]
-        if total is None:
-            total = sum(Mux(kk > i, v, 0) for i, v in enumerate(values))
-        divisor = pipe.reg(total[:self.divisor_max.bit_length()], "divisor")
-        valid = pipe.valid(valid, "sum_valid")
-
-        recip = _reciprocal(pipe, divisor, self.quotient_bits, self.divisor_max.bit_length())
+        # S: all exps (softmax_topk) or the first k values (k is at least 1)
+        kk = info[:kb] if k > 1 else Const(1)
         stages = 1 + self.divider_stages
-        valid = pipe.valid_delay(valid, self.divider_stages, "div_valid")
-        fixed = [] if self.sigmoid else values[:1]  # the top-1 exp is a constant: nothing to carry
-        width = pw if self.sigmoid else EXP_BITS
-        carried = pipe.delay(Cat(*values[len(fixed):]), stages, "div_values")
-        values = fixed + [carried[i * width:(i + 1) * width] for i in range(k - len(fixed))]
-
-        products = [pipe.reg(v * recip, "product") for v in values]
-        valid = pipe.valid(valid, "product_valid")
         shift = RECIP_BITS - wf
-        weights = [pipe.reg(((p + (1 << (shift - 1))) >> shift)[:self.weight_width], "weight") for p in products]
-        valid = pipe.valid(valid, "weight_valid")
-        cumulative = [pipe.reg(c, "cumulative") for c in _prefix_sums(pipe, weights)]
-        valid = pipe.valid(valid, "cum_valid")
+        if total is None and k == 1 and not self.sigmoid:
+            # the top-1 exp alone: S is the constant 2**16, and so is the weight (1.0), which
+            # needs no divider; the valid bit keeps the latency
+            recip = (1 << RECIP_BITS) // values[0].value
+            weight = ((values[0].value * recip + (1 << (shift - 1))) >> shift) % (1 << self.weight_width)
+            weights = [Const(weight, self.weight_width)]
+            valid = pipe.valid_delay(valid, stages + 3, "const_valid")
+        else:
+            if total is None:
+                total = sum(Mux(kk > i, v, 0) for i, v in enumerate(values))
+            divisor = pipe.reg(total[:self.divisor_max.bit_length()], "divisor")
+            valid = pipe.valid(valid, "sum_valid")
+
+            recip = _reciprocal(pipe, divisor, self.quotient_bits, self.divisor_max.bit_length())
+            valid = pipe.valid_delay(valid, self.divider_stages, "div_valid")
+            fixed = [] if self.sigmoid else values[:1]  # the top-1 exp is a constant: nothing to carry
+            width = pw if self.sigmoid else EXP_BITS
+            carried = pipe.delay(Cat(*values[len(fixed):]), stages, "div_values")
+            values = fixed + [carried[i * width:(i + 1) * width] for i in range(k - len(fixed))]
+
+            products = [pipe.reg(v * recip, "product") for v in values]
+            valid = pipe.valid(valid, "product_valid")
+            weights = [pipe.reg(((p + (1 << (shift - 1))) >> shift)[:self.weight_width], "weight")
+                       for p in products]
+            valid = pipe.valid(valid, "weight_valid")
+            cumulative = [pipe.reg(c, "cumulative") for c in _prefix_sums(pipe, weights)]
+            valid = pipe.valid(valid, "cum_valid")
+            weights = [pipe.reg(w, "weight_out") for w in weights]
 
         carried = pipe.delay(Cat(*indices, token_info), value_stages + stages + 3, "carry")
         indices = [carried[i * iw:(i + 1) * iw] for i in range(k)]
-        weights = [pipe.reg(w, "weight_out") for w in weights]
         info = carried[k * iw:]
-        kk, top_p = info[:kb], info[kb:]
+        kk, top_p = (info[:kb], info[kb:]) if k > 1 else (Const(1), None)
         reached = Const(0)
         keep = []
         for i in range(k):
             keep.append(pipe.wire((kk > i) & ~reached, "keep"))
-            reached = pipe.wire(reached | (cumulative[i] >= top_p), "reached")
+            if i + 1 < k:  # the cut: the weights so far reach top_p
+                reached = pipe.wire(reached | (cumulative[i] >= top_p), "reached")
         count = sum(keep)
         with m.If(pipe.advance):
             m.d.sync += [

@@ -9,7 +9,6 @@ register file and device memory.
 
 from amaranth import Array, Cat, Const, Module, Mux, Signal, signed
 from amaranth.lib import data, stream, wiring
-from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out, connect, flipped
 from amaranth.utils import bits_for
@@ -29,11 +28,14 @@ from .expert import COUNTERS, ExpertEngine
 from .link import LinkEndpoint
 from .loader import ExpertLoader
 from .memory import (
+    UNCHECKED,
+    BlockFIFO,
     BlockRAMMemory,
     BurstArbiter,
     SimulatedMemory,
     SPRAMMemory,
     burst_read_signature,
+    registered_read_port,
     word_addr_width,
     write_layout,
     written_signature,
@@ -63,12 +65,13 @@ def _times(value, factor):
 class CommandProcessor(wiring.Component):
     """Runs commands (``docs/device.md``) in order; bit-exact with ``DeviceModel``.
 
-    A command is taken word by word (``FETCH``); ``DECODE`` checks its opcode, layer and counts
-    (``BAD_OPCODE``, ``BAD_LAYER``, ``BAD_COUNT``) and registers the buffers it names (aligned
-    address, room to the end of memory, length); ``CHECK`` compares each length with its room
-    (``BAD_ADDRESS``). The checks are split so that no cycle holds both a length and its
-    comparison. The command's own states follow, then ``DONE`` (or ``FAIL``), and ``FETCH``
-    again. ``NOP`` and ``FENCE`` go from ``DECODE`` to ``DONE``.
+    A command is taken word by word (``FETCH``), which keeps only what the command needs of
+    each word and compares its count and addresses with their limits as they arrive;
+    ``DECODE`` checks its opcode, layer and count (``BAD_OPCODE``, ``BAD_LAYER``,
+    ``BAD_COUNT``) and registers the buffers it names (placed, room to the end of memory,
+    length); ``CHECK`` compares each length with its room (``BAD_ADDRESS``). The checks are
+    split so that no cycle holds both a length and its comparison. The command's own states
+    follow, then ``DONE`` (or ``FAIL``), and ``FETCH`` again. ``NOP`` and ``FENCE`` go from ``DECODE`` to ``DONE``.
 
     Members
     -------
@@ -130,12 +133,10 @@ class CommandProcessor(wiring.Component):
         acc_depth = model.max_tokens * hidden_tiles
         # Widths: a buffer that passed CHECK lies in device memory, so a DMA transfer counts at
         # most its 32-bit words; ``count`` and ``progress`` count tokens (ROUTE: up to 0xFFFF),
-        # experts or accumulator entries; ``nbytes`` holds any length a command can ask for, so
-        # CHECK compares it before anything is narrowed.
+        # experts or accumulator entries; ``nbytes`` holds a length up to the memory size, and
+        # ``beyond`` whether it is longer.
         dma_width = bits_for(mem.size_bytes // 4)
         count_width = bits_for(max(0xFFFF, acc_depth, r.experts))
-        longest = 0xFFFF * max(r.experts, route_words(r.k_max), x_words(model.hidden), model.hidden)
-        nbytes_width = bits_for(4 * longest + (1 << self.port_shift))
         m.submodules.reader = reader = WordReader(
             addr_width=self.addr_width, port_width=mem.port_width, burst_len=mem.burst_len, count_width=dma_width,
             buffer_words=mem.outstanding * mem.burst_len)
@@ -152,56 +153,77 @@ class CommandProcessor(wiring.Component):
         connect(m, loader.params, engine.params)
         connect(m, loader.weights, engine.weights)
 
-        m.submodules.table = table = Memory(shape=data.StructLayout({"row": 16, "weight": 16}),
-                                            depth=max(2, model.max_tokens), init=[])
-        table_w, table_r = table.write_port(), table.read_port()
-        m.submodules.acc = acc = Memory(shape=data.ArrayLayout(signed(32), a.cols), depth=max(2, acc_depth),
-                                        init=[])
-        acc_w, acc_r = acc.write_port(), acc.read_port()
+        # the RUN_EXPERT table (written in TABLE, read while the expert runs): a row at or above
+        # max_tokens fails the command, so the bits below max_tokens hold any row that is used
+        row_bits = max(1, (model.max_tokens - 1).bit_length())
+        m.submodules.table = table = Memory(shape=data.StructLayout({"row": row_bits, "weight": 16}),
+                                            depth=max(2, model.max_tokens), init=[], attrs=UNCHECKED)
+        table_w, table_r = table.write_port(), registered_read_port(m, table)
 
-        # the command being decoded or run
-        words = Array(Signal(32, name=f"word{i}") for i in range(COMMAND_WORDS))
+        def table_index(index):
+            return index if model.max_tokens > 1 else 0  # one token: entry 0 alone is used
+        # the accumulator: an entry read in the cycle it is written is never used
+        m.submodules.acc = acc = Memory(shape=data.ArrayLayout(signed(32), a.cols), depth=max(2, acc_depth),
+                                        init=[], attrs=UNCHECKED)
+        acc_w, acc_r = acc.write_port(), registered_read_port(m, acc)
+
+        # The command being decoded or run, kept as FETCH takes its words (word 0, the opcode,
+        # comes first): the opcode (7 for any above the last command), word 1 whole (the FENCE
+        # id, the ROUTE layer, the RUN_EXPERT image), the count (``tokens``) and the expert, the
+        # buffer addresses in units of ALIGN, and what the checks need of the words not kept:
+        # whether the count is out of range and whether each address is aligned and at most the
+        # memory size (one comparison on the incoming word serves every address).
         got = Signal(range(COMMAND_WORDS + 1))
-        op = words[0]
+        op = Signal(3)
+        word1 = Signal(32)
+        expert = Signal(16)
+        tokens = Signal(16)
+        count_bad = Signal()
+        align_bits = (ALIGN - 1).bit_length()
+        addr = [Signal(range(mem.size_bytes // ALIGN + 1), name=f"addr{i}") for i in range(2)]
+        placed_word = [Signal(name=f"placed_word{i}") for i in range(3)]
         failure = Signal(16)
 
         def fail(source, code):
             m.d.sync += failure.eq(_error(source, code))
             m.next = "FAIL"
 
-        def aligned(addr):
-            return addr[: (ALIGN - 1).bit_length()] == 0
-
-        def port_addr(addr):
-            return addr[self.port_shift :]
+        def port_addr(units):
+            """The port-word address of an address kept in units of ALIGN."""
+            return Cat(Const(0, align_bits - self.port_shift), units)
 
         def padded(nbytes):
             return (nbytes + (1 << self.port_shift) - 1) >> self.port_shift << self.port_shift
 
-        tokens = Signal(16)
         layer = Signal(range(max(2, model.layers)))
         count = Signal(count_width)  # generic down/up counter of the running command
         progress = Signal(count_width)
 
-        # The buffers a command names, as DECODE registers them for CHECK: ``placed`` (the address
-        # is aligned and at most the memory size), ``room`` (bytes from the address to the end of
-        # memory), the length in words (``span``, the DMA count) and in bytes (``nbytes``: 4 per
-        # word, padded to port words where the model pads). A buffer fits when it is placed and
-        # nbytes <= room. Buffer 0 is the ROUTE logits, the RUN_EXPERT activations and the
-        # ACC_STORE output; 1 the ROUTE output and the RUN_EXPERT table; 2 the RUN_EXPERT image,
-        # which has no length.
-        placed = Signal(3)
+        # The buffers a command names, as DECODE registers them for CHECK: ``placed`` (every
+        # address is aligned and at most the memory size), ``room`` (bytes from the address to
+        # the end of memory), the length in words (``span``, the DMA count) and in bytes
+        # (``nbytes``: 4 per word, padded to port words where the model pads). A buffer fits
+        # when it is placed, not beyond memory and nbytes <= room. Up to 32-bit ports the DMA
+        # count is ``nbytes`` in words (no padding). Buffer 0 (``addr[0]``, word 3, or word 1 for
+        # ACC_STORE) is the ROUTE logits, the RUN_EXPERT activations and the ACC_STORE output;
+        # 1 (``addr[1]``, word 4) the ROUTE output and the RUN_EXPERT table; 2 (word 1) the
+        # RUN_EXPERT image, which has no length.
+        placed = Signal()
         room = [Signal(range(mem.size_bytes + 1), name=f"room{i}") for i in range(2)]
-        span = [Signal(dma_width, name=f"span{i}") for i in range(2)]
-        nbytes = [Signal(nbytes_width, name=f"nbytes{i}") for i in range(2)]
+        nbytes = [Signal(len(room[i]), name=f"nbytes{i}") for i in range(2)]
+        beyond = [Signal(name=f"beyond{i}") for i in range(2)]
+        if self.port_shift <= 2:
+            span = [length[2:] for length in nbytes]
+        else:
+            span = [Signal(dma_width, name=f"span{i}") for i in range(2)]
 
-        def buffer(i, addr, length=None, *, pad=False):
-            """Statements registering buffer ``i`` at ``addr`` of ``length`` words."""
-            statements = [placed[i].eq(aligned(addr) & (addr <= mem.size_bytes))]
-            if length is not None:
-                size = length << 2
-                statements += [room[i].eq(mem.size_bytes - addr[: len(room[i])]), span[i].eq(length),
-                               nbytes[i].eq(padded(size) if pad else size)]
+        def buffer(i, length, *, pad=False):
+            """Statements registering buffer ``i`` of ``length`` words."""
+            size = padded(length << 2) if pad else length << 2
+            statements = [room[i].eq(mem.size_bytes - (addr[i] << align_bits)), nbytes[i].eq(size),
+                          beyond[i].eq(size[len(nbytes[i]):].any())]
+            if self.port_shift > 2:
+                statements.append(span[i].eq(length))
             return statements
 
         m.d.comb += self.error.eq(failure)
@@ -242,7 +264,6 @@ class CommandProcessor(wiring.Component):
         y = Signal(engine.y.payload.shape())
         acc_step = Signal(range(4))
         tile = Signal(range(max(2, hidden_tiles)))
-        picked = Signal(table_r.data.shape())
         y_done = Signal()
         loader_done = Signal()
 
@@ -289,8 +310,29 @@ class CommandProcessor(wiring.Component):
         with m.FSM(name="processor"):
             with m.State("FETCH"):
                 m.d.comb += self.cmd.ready.eq(1)
+                word = self.cmd.payload
+                high_zero = word[16:] == 0
+                word_placed = (word[:align_bits] == 0) & (word <= mem.size_bytes)
                 with m.If(self.cmd.valid):
-                    m.d.sync += [words[got].eq(self.cmd.payload), got.eq(got + 1)]
+                    m.d.sync += got.eq(got + 1)
+                    with m.If(got == 0):
+                        m.d.sync += op.eq(Mux(word[3:].any(), 7, word[:3]))
+                    with m.If(got == 1):
+                        m.d.sync += [word1.eq(word), placed_word[2].eq(word_placed)]
+                    # the count: word 1 of ACC_CLEAR, word 2 (its high half for RUN_EXPERT) of the others
+                    with m.If(got == Mux(op == Command.ACC_CLEAR, 1, 2)):
+                        with m.If(op == Command.ROUTE):
+                            m.d.sync += [tokens.eq(word[:16]), count_bad.eq((word[:16] == 0) | ~high_zero)]
+                        with m.Elif(op == Command.RUN_EXPERT):
+                            m.d.sync += [tokens.eq(word[16:]), expert.eq(word[:16]),
+                                         count_bad.eq(high_zero | (word[16:] > model.max_tokens))]
+                        with m.Else():
+                            m.d.sync += [tokens.eq(word[:16]),
+                                         count_bad.eq((word[:16] == 0) | ~high_zero | (word[:16] > model.max_tokens))]
+                    with m.If(got == Mux(op == Command.ACC_STORE, 1, 3)):
+                        m.d.sync += [addr[0].eq(word[align_bits:]), placed_word[0].eq(word_placed)]
+                    with m.If(got == 4):
+                        m.d.sync += [addr[1].eq(word[align_bits:]), placed_word[1].eq(word_placed)]
                     with m.If(got == COMMAND_WORDS - 1):
                         m.d.sync += got.eq(0)
                         m.next = "DECODE"
@@ -298,41 +340,38 @@ class CommandProcessor(wiring.Component):
                 # the opcode, layer and counts; the buffers go to CHECK (counts above their limits
                 # fail here, so their low 16 bits make the lengths)
                 m.d.comb += self.busy.eq(1)
-                m.d.sync += [placed.eq(0b111), *(length.eq(0) for length in nbytes)]
+                m.d.sync += [placed.eq(1), *(length.eq(0) for length in nbytes), *(flag.eq(0) for flag in beyond)]
+                n = tokens
                 with m.If(failure != 0):
                     m.next = "FETCH"  # discarded: an earlier command failed
                 with m.Elif(op == Command.NOP):
                     m.next = "DONE"
                 with m.Elif(op == Command.FENCE):
-                    m.d.sync += fence.eq(words[1])
+                    m.d.sync += fence.eq(word1)
                     m.next = "DONE"
                 with m.Elif(op == Command.ROUTE):
-                    n = words[2]
-                    m.d.sync += [layer.eq(words[1]), tokens.eq(n), lane.eq(0), beat.eq(0), progress.eq(0),
-                                 count.eq(0), *buffer(0, words[3], _times(n[:16], r.experts)),
-                                 *buffer(1, words[4], _times(n[:16], route_words(r.k_max)), pad=True)]
-                    with m.If(words[1] >= model.layers):
+                    m.d.sync += [layer.eq(word1), lane.eq(0), beat.eq(0), progress.eq(0), count.eq(0),
+                                 placed.eq(placed_word[0] & placed_word[1]), *buffer(0, _times(n, r.experts)),
+                                 *buffer(1, _times(n, route_words(r.k_max)), pad=True)]
+                    with m.If(word1 >= model.layers):
                         fail(ErrorSource.COMMAND, CommandError.BAD_LAYER)
-                    with m.Elif((n == 0) | (n > 0xFFFF)):
+                    with m.Elif(count_bad):
                         fail(ErrorSource.COMMAND, CommandError.BAD_COUNT)
                     with m.Else():
                         m.next = "CHECK"
                 with m.Elif(op == Command.RUN_EXPERT):
-                    n = words[2][16:]
-                    m.d.sync += [tokens.eq(n), count.eq(0), progress.eq(0),
-                                 *buffer(0, words[3], _times(n, x_words(model.hidden))),
-                                 *buffer(1, words[4], n), *buffer(2, words[1])]
-                    with m.If((n == 0) | (n > model.max_tokens)):
+                    m.d.sync += [count.eq(0), progress.eq(0), placed.eq(Cat(placed_word).all()),
+                                 *buffer(0, _times(n, x_words(model.hidden))), *buffer(1, n)]
+                    with m.If(count_bad):
                         fail(ErrorSource.COMMAND, CommandError.BAD_COUNT)
                     with m.Else():
                         m.next = "CHECK"
                 with m.Elif((op == Command.ACC_CLEAR) | (op == Command.ACC_STORE)):
-                    n = Mux(op == Command.ACC_CLEAR, words[1], words[2])
-                    m.d.sync += [count.eq(_times(n[:16], hidden_tiles)), progress.eq(0), stored_lane.eq(0),
+                    m.d.sync += [count.eq(_times(n, hidden_tiles)), progress.eq(0), stored_lane.eq(0),
                                  stored_tile.eq(0), entry_ready.eq(0)]
                     with m.If(op == Command.ACC_STORE):
-                        m.d.sync += buffer(0, words[1], _times(n[:16], model.hidden), pad=True)
-                    with m.If((n == 0) | (n > model.max_tokens)):
+                        m.d.sync += [placed.eq(placed_word[0]), *buffer(0, _times(n, model.hidden), pad=True)]
+                    with m.If(count_bad):
                         fail(ErrorSource.COMMAND, CommandError.BAD_COUNT)
                     with m.Else():
                         m.next = "CHECK"
@@ -341,7 +380,7 @@ class CommandProcessor(wiring.Component):
             with m.State("CHECK"):
                 # the buffers DECODE registered
                 m.d.comb += self.busy.eq(1)
-                fit = placed.all() & (nbytes[0] <= room[0]) & (nbytes[1] <= room[1])
+                fit = placed & ~Cat(beyond).any() & (nbytes[0] <= room[0]) & (nbytes[1] <= room[1])
                 with m.If(~fit):
                     fail(ErrorSource.COMMAND, CommandError.BAD_ADDRESS)
                 with m.Elif(op == Command.ROUTE):
@@ -355,8 +394,8 @@ class CommandProcessor(wiring.Component):
             with m.State("ROUTE_START"):
                 m.d.comb += [
                     self.busy.eq(1),
-                    *read_cmd(words[3], span[0]),
-                    *write_cmd(words[4], span[1]),
+                    *read_cmd(addr[0], span[0]),
+                    *write_cmd(addr[1], span[1]),
                 ]
                 m.next = "ROUTE_RUN"
             with m.State("ROUTE_RUN"):
@@ -386,13 +425,14 @@ class CommandProcessor(wiring.Component):
             with m.State("TABLE_START"):
                 m.d.comb += [
                     self.busy.eq(1),
-                    *read_cmd(words[4], span[1]),
+                    *read_cmd(addr[1], span[1]),
                 ]
                 m.d.sync += count.eq(0)  # rows out of range seen
                 m.next = "TABLE"
             with m.State("TABLE"):
                 m.d.comb += [self.busy.eq(1), reader.o.ready.eq(1),
-                             table_w.addr.eq(progress), table_w.data.eq(reader.o.payload),
+                             table_w.addr.eq(table_index(progress)),
+                             table_w.data.eq(Cat(reader.o.payload[:row_bits], reader.o.payload[16:])),
                              table_w.en.eq(reader.o.valid)]
                 with m.If(reader.o.valid):
                     m.d.sync += progress.eq(progress + 1)
@@ -407,8 +447,8 @@ class CommandProcessor(wiring.Component):
                 m.d.comb += [
                     self.busy.eq(1),
                     loader.cmd.valid.eq(1),
-                    loader.cmd.payload.addr.eq(words[1]),
-                    loader.cmd.payload.expert.eq(words[2][:16]),
+                    loader.cmd.payload.addr.eq(word1),
+                    loader.cmd.payload.expert.eq(expert),
                     loader.cmd.payload.tokens.eq(tokens),
                 ]
                 with m.If(loader.cmd.ready):
@@ -424,7 +464,7 @@ class CommandProcessor(wiring.Component):
                     m.d.comb += [
                         engine.run.valid.eq(1),
                         engine.run.payload.eq(tokens),
-                        *read_cmd(words[3], span[0]),
+                        *read_cmd(addr[0], span[0]),
                     ]
                     m.next = "EXPERT"
             with m.State("EXPERT"):
@@ -432,22 +472,24 @@ class CommandProcessor(wiring.Component):
                 with m.If(loader.done.valid):
                     m.d.comb += loader.done.ready.eq(1)
                     m.d.sync += loader_done.eq(1)
-                # accumulate: 0 take y, read table; 1 read acc; 2 write acc
+                # accumulate: 0 take y, read table; 1 read acc; 2 write acc (the table entry
+                # read in 0 is held through 1 and 2)
+                picked = table_r.data
                 with m.Switch(acc_step):
                     with m.Case(0):
-                        m.d.comb += [engine.y.ready.eq(~y_done), table_r.addr.eq(engine.y.payload.token)]
+                        m.d.comb += [engine.y.ready.eq(~y_done), table_r.addr.eq(table_index(engine.y.payload.token))]
                         with m.If(engine.y.valid & engine.y.ready):
                             m.d.sync += [y.eq(engine.y.payload), acc_step.eq(1)]
                     with m.Case(1):
-                        m.d.comb += acc_r.addr.eq(table_r.data.row * hidden_tiles + tile)
-                        m.d.sync += [picked.eq(table_r.data), acc_step.eq(2)]
+                        m.d.comb += [table_r.en.eq(0), acc_r.addr.eq(picked.row * hidden_tiles + tile)]
+                        m.d.sync += acc_step.eq(2)
                     with m.Case(2):
-                        m.d.comb += [acc_w.addr.eq(picked.row * hidden_tiles + tile), acc_w.en.eq(1)]
+                        m.d.comb += [table_r.en.eq(0), acc_w.addr.eq(picked.row * hidden_tiles + tile), acc_w.en.eq(1)]
                         weight = Cat(picked.weight, Const(0, 1)).as_signed()
                         for c in range(a.cols):
                             m.d.comb += acc_w.data[c].eq(acc_r.data[c] + weight * y.values[c])
                         m.d.sync += acc_step.eq(0)
-                        with m.If(y.token == tokens - 1):
+                        with m.If(y.token + 1 == tokens):
                             m.d.sync += tile.eq(tile + 1)
                         with m.If(y.last):
                             m.d.sync += y_done.eq(1)
@@ -464,10 +506,10 @@ class CommandProcessor(wiring.Component):
                     for c in range(a.cols):
                         m.d.comb += acc_w.data[c].eq(0)
                     m.d.sync += progress.eq(progress + 1)
-                    with m.If(progress == count - 1):
+                    with m.If(progress + 1 == count):
                         m.next = "DONE"
                 with m.Else():
-                    m.d.comb += write_cmd(words[1], span[0])
+                    m.d.comb += write_cmd(addr[0], span[0])
                     m.next = "STORE"
             with m.State("STORE"):
                 m.d.comb += [self.busy.eq(1), acc_r.addr.eq(progress)]
@@ -535,7 +577,7 @@ class Accelerator(wiring.Component):
         queue_words = QUEUE_COMMANDS * COMMAND_WORDS
         m.submodules.link = link = LinkEndpoint.from_config(config, queue_words=queue_words)
         m.submodules.registers = regs = RegisterFile(self.registers)
-        m.submodules.queue = queue = SyncFIFOBuffered(width=32, depth=queue_words)
+        m.submodules.queue = queue = BlockFIFO(width=32, depth=queue_words)
         m.submodules.processor = processor = CommandProcessor(config)
         if self.memory == "bram":
             m.submodules.memory = memory = BlockRAMMemory.from_config(config)

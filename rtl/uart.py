@@ -18,9 +18,9 @@ high before it looks for a start bit again (a break holds it there).
 from amaranth import Cat, Module, Signal
 from amaranth.lib import stream, wiring
 from amaranth.lib.cdc import FFSynchronizer
-from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out, connect, flipped
 
+from .memory import BlockFIFO
 from .params import check_int
 
 __all__ = ["MAX_BAUD_ERROR", "MIN_DIVISOR", "UARTBridge", "UARTReceiver", "UARTTransmitter", "pins_signature",
@@ -225,7 +225,7 @@ class UARTBridge(wiring.Component):
         m = Module()
         m.submodules.receiver = receiver = UARTReceiver(divisor=self.divisor)
         m.submodules.transmitter = transmitter = UARTTransmitter(divisor=self.divisor)
-        m.submodules.fifo = fifo = SyncFIFOBuffered(width=8, depth=self.fifo_depth)
+        m.submodules.fifo = fifo = BlockFIFO(width=8, depth=self.fifo_depth)
         m.d.comb += [
             receiver.rx.eq(self.pins.rx),
             self.pins.tx.eq(transmitter.tx),

@@ -5,11 +5,22 @@ from fractions import Fraction
 import pytest
 from amaranth import Elaboratable, Module, Signal
 from amaranth.hdl import Assert, Assume
+from amaranth.lib import wiring
+from amaranth.lib.fifo import SyncFIFOBuffered
+from amaranth.lib.wiring import In, Out
 from amaranth.sim import Simulator
 
 from moegen.boards.synth import synthesize
 from moegen.formal import assert_stream_output, assume_stream_input, free, reset_at_start, run_bmc
-from moegen.rtl.memory import MIN_LATENCY, BlockRAMMemory, BurstArbiter, SimulatedMemory, SinglePortRAM, SPRAMMemory
+from moegen.rtl.memory import (
+    MIN_LATENCY,
+    BlockFIFO,
+    BlockRAMMemory,
+    BurstArbiter,
+    SimulatedMemory,
+    SinglePortRAM,
+    SPRAMMemory,
+)
 from moegen.simulation import run_cocotb
 
 
@@ -330,3 +341,70 @@ def test_a_ram_beyond_the_up5k_spram_is_named(width, depth, cells):
     with pytest.raises(ValueError, match=rf"{depth} words of {width} bits need {cells} SPRAMs of 16,384 x 16 bits; "
                                          r"an iCE40UP5K has 4 \(at most 131072 bytes\)"):
         SinglePortRAM(depth=depth, width=width)
+
+
+class _FIFOPair(Elaboratable):
+    """A :class:`BlockFIFO` and a :class:`SyncFIFOBuffered` fed the same writes and reads."""
+
+    def __init__(self, width, depth):
+        self.block, self.reference = BlockFIFO(width=width, depth=depth), SyncFIFOBuffered(width=width, depth=depth)
+        self.w_data, self.w_en, self.r_en = Signal(width), Signal(), Signal()
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.block, m.submodules.reference = self.block, self.reference
+        for fifo in (self.block, self.reference):
+            m.d.comb += [fifo.w_data.eq(self.w_data), fifo.w_en.eq(self.w_en), fifo.r_en.eq(self.r_en)]
+        return m
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3, 4, 5, 8, 17])
+def test_block_fifo_matches_sync_fifo_buffered_cycle_for_cycle(depth):
+    pair = _FIFOPair(12, depth)
+    rng = random.Random(depth)
+    mismatches = []
+
+    async def bench(ctx):
+        for cycle in range(600):
+            phase = cycle // 100 % 3  # filling, draining, mixed
+            ctx.set(pair.w_en, rng.random() < (0.8, 0.2, 0.5)[phase])
+            ctx.set(pair.r_en, rng.random() < (0.2, 0.8, 0.5)[phase])
+            ctx.set(pair.w_data, rng.getrandbits(12))
+            names = ("w_rdy", "r_rdy", "level", "r_data")
+            block = [ctx.get(getattr(pair.block, n)) for n in names]
+            reference = [ctx.get(getattr(pair.reference, n)) for n in names]
+            if not reference[1]:  # r_data is only defined while r_rdy
+                block[3] = reference[3] = None
+            if block != reference:
+                mismatches.append((cycle, block, reference))
+            await ctx.tick()
+
+    sim = Simulator(pair)
+    sim.add_clock(1e-8)
+    sim.add_testbench(bench)
+    sim.run()
+    assert mismatches == []
+
+
+class _FIFOComponent(wiring.Component):
+    w_data: In(32)
+    w_en: In(1)
+    w_rdy: Out(1)
+    r_data: Out(32)
+    r_en: In(1)
+    r_rdy: Out(1)
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.fifo = fifo = BlockFIFO(width=32, depth=64)
+        m.d.comb += [fifo.w_data.eq(self.w_data), fifo.w_en.eq(self.w_en), self.w_rdy.eq(fifo.w_rdy),
+                     self.r_data.eq(fifo.r_data), fifo.r_en.eq(self.r_en), self.r_rdy.eq(fifo.r_rdy)]
+        return m
+
+
+@pytest.mark.synth
+def test_block_fifo_needs_no_collision_logic_on_ice40():
+    use = synthesize(_FIFOComponent(), name="block_fifo", family="ice40")
+    # two 4-kbit block RAMs; flip-flops only for the pointers, the level and r_rdy (the
+    # SyncFIFOBuffered it replaces adds 71 for the written word, its address and the read data)
+    assert use.brams == 2 and use.ffs <= 24

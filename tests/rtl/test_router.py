@@ -182,6 +182,10 @@ SIM_CONFIGS = [
     (3, 3, 1, "softmax_topk_renorm", (8, 2, 8)),
     (7, 4, 7, "sigmoid_bias_renorm", (6, 3, 10)),
     (6, 3, 4, "softmax_topk_renorm", (32, 31, 24)),
+    # k_max 1: a constant weight in the renorm modes (no divider), the other modes still divide
+    (2, 1, 1, "softmax_topk_renorm", (8, 4, 8)),
+    (5, 1, 2, "softmax_topk", (8, 4, 8)),
+    (3, 1, 2, "sigmoid_bias_renorm", (8, 4, 8)),
 ]
 
 
@@ -241,6 +245,7 @@ CI_SWEEP = [
     (5, 3, 2, "softmax_topk", (None, None, None)),
     (12, 8, 5, "sigmoid_bias_renorm", (None, None, None)),
     (6, 6, 6, "softmax_topk", (4, 0, 4)),
+    (2, 1, 1, "softmax_topk_renorm", (8, 4, 8)),  # ice40-min's router: the weight is a constant
 ]
 SLOW_SWEEP = [
     (256, 8, 16, "sigmoid_bias_renorm", (None, None, None)),  # DeepSeek-V3

@@ -1,4 +1,5 @@
 import dataclasses
+from pathlib import Path
 
 import pytest
 from amaranth import Elaboratable, Module, Signal
@@ -98,6 +99,31 @@ def test_processor_matches_the_device_model_on_tiny(errors, counters):
         assert state["mem"][addr:addr + nbytes] == work.expected(addr, nbytes), f"buffer at {addr}"
     if errors:
         assert model.error == (ErrorSource.COMMAND << 8 | CommandError.BAD_ADDRESS)
+
+
+@pytest.mark.parametrize("errors", [False, True], ids=["clean", "error-stops-queue"])
+def test_processor_matches_the_device_model_on_ice40_min(errors):
+    """One token at most, one layer, two experts, k_max 1, a 16-bit port (in 16 KiB: the
+    workload's images and buffers do not fit the board's 4 KiB)."""
+    config = load_config(Path(__file__).parents[2] / "configs" / "ice40-min.yaml")
+    config = dataclasses.replace(config, memory=dataclasses.replace(config.memory, size_bytes=16384))
+    work = Workload(config, seed=4, errors=errors)
+    state = _simulate(config, work.writes, work.commands, read_bytes=work.end)
+    assert (state["error"], state["fence"]) == (work.model.error, work.model.fence)
+    for addr, nbytes in work.outputs:
+        assert state["mem"][addr:addr + nbytes] == work.expected(addr, nbytes), f"buffer at {addr}"
+
+
+@pytest.mark.parametrize("port_width", [64, 128])
+def test_processor_matches_the_device_model_on_wide_ports(port_width):
+    """Ports wider than a word: padded outputs, DMA counts kept apart from the byte lengths."""
+    config = load_config("tiny")
+    config = dataclasses.replace(config, memory=dataclasses.replace(config.memory, port_width=port_width))
+    work = Workload(config, seed=6, errors=True)
+    state = _simulate(config, work.writes, work.commands, read_bytes=work.end)
+    assert (state["error"], state["fence"]) == (work.model.error, work.model.fence)
+    for addr, nbytes in work.outputs:
+        assert state["mem"][addr:addr + nbytes] == work.expected(addr, nbytes), f"buffer at {addr}"
 
 
 _TINY = load_config("tiny")
