@@ -2,7 +2,7 @@
 expert output, bit-exact with :func:`moegen.golden.expert.expert_int` steps 3 to 6."""
 
 from amaranth import Cat, Module, Mux, Signal, signed, unsigned
-from amaranth.lib import data, enum, fifo, stream, wiring
+from amaranth.lib import data, enum, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import bits_for
@@ -56,6 +56,19 @@ def output_layout(cols, act_width, max_tokens, hidden, tag_width):
         "channel": unsigned(bits_for(hidden - 1)),
         "tag": unsigned(tag_width),
     })
+
+
+def _alongside(m, requant, value, name):
+    """``value`` as it was when the beat now on ``requant.o`` entered ``requant.i``: a
+    :class:`~moegen.rtl.requant.Requantizer` moves all its stages together exactly when
+    ``i.ready``, so ``LATENCY`` registers moving with it keep a beat's side-band beside it
+    (a FIFO would hold the same entries, with pointers and a read multiplexer)."""
+    for stage in range(Requantizer.LATENCY):
+        delayed = Signal.like(value, name=f"{name}_{stage + 1}")
+        with m.If(requant.i.ready):
+            m.d.sync += delayed.eq(value)
+        value = delayed
+    return value
 
 
 class Epilogue(wiring.Component):
@@ -194,9 +207,8 @@ class Epilogue(wiring.Component):
 
         # Stage 2: the per-(token, channel) multiplier is the product of the two factors;
         # down rows have no token factor.
-        m.submodules.requant = requant = Requantizer(acc_width=self.acc_width, out_width=aw, lanes=cols)
-        m.submodules.requant_side = requant_side = fifo.SyncFIFO(width=len(s1_side.as_value()),
-                                                                 depth=Requantizer.LATENCY + 1)
+        m.submodules.requant = requant = Requantizer(acc_width=self.acc_width, out_width=aw, lanes=cols,
+                                                     mult_bits=2 * FACTOR_BITS)
         s2_side = Signal(sideband)
         m.d.comb += s2_free.eq(~s2_valid | requant.i.ready)
         token_factor = Signal(factor)
@@ -212,17 +224,14 @@ class Epilogue(wiring.Component):
                 ]
         m.d.comb += [
             requant.i.valid.eq(s2_valid),
-            requant_side.w_data.eq(s2_side),
-            requant_side.w_en.eq(requant.i.valid & requant.i.ready),
         ]
 
         # After the requantizer: gate rows go to the table, up rows to the gated multiply,
         # down rows out on y.
-        out_side = data.View(sideband, requant_side.r_data)
+        out_side = data.View(sideband, _alongside(m, requant, s2_side.as_value(), "requant_side"))
         out_kind = out_side.kind
         gated_free = Signal()
         m.d.comb += [
-            requant_side.r_en.eq(requant.o.valid & requant.o.ready),
             requant.o.ready.eq(Mux(out_kind == Projection.GATE, 1,
                                    Mux(out_kind == Projection.UP, gated_free, self.y.ready))),
             self.y.valid.eq(requant.o.valid & (out_kind == Projection.DOWN)),
@@ -253,8 +262,8 @@ class Epilogue(wiring.Component):
         m.d.comb += [act_write.addr.eq(gate_token), act_write.data.eq(Cat(*looked_up)), act_write.en.eq(gate_valid)]
 
         # Up: read a (written by this token's gate row), multiply, requantize with the gated factor.
-        m.submodules.gated = gated = Requantizer(acc_width=2 * aw, out_width=aw, lanes=cols)
-        m.submodules.gated_side = gated_side = fifo.SyncFIFO(width=self.tag_width, depth=Requantizer.LATENCY + 1)
+        # |a * u| <= 2**(aw-1) * qmax < 2**(2*aw-2): u is saturated symmetrically.
+        m.submodules.gated = gated = Requantizer(acc_width=2 * aw - 1, out_width=aw, lanes=cols)
         u1_valid = Signal()
         u1_values = Signal.like(requant.o.payload)
         u1_tag = Signal(self.tag_width)
@@ -272,20 +281,16 @@ class Epilogue(wiring.Component):
         with m.If(u2_free):
             m.d.sync += [u2_valid.eq(u1_valid), u2_tag.eq(u1_tag)]
             for lane in range(cols):
-                m.d.sync += [
-                    gated.i.payload.acc[lane].eq(act_read.data[lane] * u1_values[lane]),
-                    gated.i.payload.mult[lane].eq(gated_mult),
-                    gated.i.payload.shift[lane].eq(gated_shift),
-                ]
+                m.d.sync += gated.i.payload.acc[lane].eq(act_read.data[lane] * u1_values[lane])
+        # the gated factor is constant while a run's rows flow: no copy per beat
+        for lane in range(cols):
+            m.d.comb += [gated.i.payload.mult[lane].eq(gated_mult), gated.i.payload.shift[lane].eq(gated_shift)]
         m.d.comb += [
             gated.i.valid.eq(u2_valid),
-            gated_side.w_data.eq(u2_tag),
-            gated_side.w_en.eq(gated.i.valid & gated.i.ready),
             self.h.valid.eq(gated.o.valid),
             self.h.payload.values.eq(gated.o.payload),
-            self.h.payload.tag.eq(gated_side.r_data),
+            self.h.payload.tag.eq(_alongside(m, gated, u2_tag, "gated_side")),
             gated.o.ready.eq(self.h.ready),
-            gated_side.r_en.eq(gated.o.valid & gated.o.ready),
         ]
         return m
 

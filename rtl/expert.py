@@ -131,6 +131,10 @@ class ExpertEngine(wiring.Component):
         if acc_width < need:
             reject(self, f"acc_width must be in {need}..32 to hold {products} products of {act_width}x{weight_width} "
                          f"bits, not {acc_width}")
+        # The bits any sum of `products` int products takes, whatever the values (-2**(w-1)
+        # included): the array and the epilogue need no more, the config's rule allows more.
+        exact = ((1 << (act_width + weight_width - 2)) * products).bit_length() + 1
+        self.result_width = max(8, min(acc_width, exact))
         self.ffn_tiles = -(-ffn // cols)
         self.hidden_tiles = -(-hidden // cols)
         self.step_bits = step_bits(cols, m, n, weight_width)
@@ -175,9 +179,9 @@ class ExpertEngine(wiring.Component):
             "offset": range(max(2, h_width)), "final": 1})
         m.submodules.array = array = SparseSystolicArray(
             rows=rows, cols=cols, m=self.m, n=n, act_width=aw, weight_width=self.weight_width,
-            acc_width=self.acc_width)
+            acc_width=self.result_width)
         m.submodules.epilogue = epilogue = Epilogue(
-            cols=cols, hidden=self.hidden, ffn=self.ffn, max_tokens=self.max_tokens, acc_width=self.acc_width,
+            cols=cols, hidden=self.hidden, ffn=self.ffn, max_tokens=self.max_tokens, acc_width=self.result_width,
             act_width=aw, tag_width=tag.size)
         connect(m, wiring.flipped(self.weights), array.w)
 
