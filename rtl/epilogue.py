@@ -88,7 +88,8 @@ class Epilogue(wiring.Component):
     (gate, up, down channel factors ``mult | shift << 16``, gated mult, gated shift, the
     activation table four entries per word); ``start`` restarts that load and input waits
     until it is complete (``loaded``). Channels past ``ffn``/``hidden`` in a tile have
-    factor 0. Token factors arrive on ``factors`` at any time before the token's first beat.
+    factor 0. Token factors arrive on ``factors`` at any time before the token's first beat
+    (and are not rewritten before its last one).
     One :class:`~moegen.rtl.requant.Requantizer` of ``cols`` lanes serves all three
     projections, a second one the gated product.
 
@@ -156,8 +157,6 @@ class Epilogue(wiring.Component):
         channel_factors = Memory(shape=data.ArrayLayout(factor, cols),
                                  depth=2 * self.ffn_tiles + self.hidden_tiles, init=[])
         m.submodules.channel_factors = channel_factors
-        token_factors = Memory(shape=factor, depth=max(2, self.max_tokens), init=[])
-        m.submodules.token_factors = token_factors
         # The activation table, four entries per word as the params stream carries it.
         table = Memory(shape=data.ArrayLayout(signed(aw), 4), depth=max(2, (1 << aw) // 4), init=[])
         m.submodules.table = table
@@ -166,13 +165,7 @@ class Epilogue(wiring.Component):
 
         self._load_params(m, channel_factors, table, gated_mult, gated_shift)
 
-        factor_write = token_factors.write_port()
-        m.d.comb += [
-            factor_write.addr.eq(self.factors.payload.token),
-            factor_write.data.eq(self.factors.payload.factor),
-            factor_write.en.eq(self.factors.valid),
-            self.factors.ready.eq(1),
-        ]
+        m.d.comb += self.factors.ready.eq(1)
 
         # Stage 1: take a row, read its token's and its tile's factors.
         sideband = data.StructLayout({"kind": Projection, "token": self.i.payload.token.shape(),
@@ -184,14 +177,11 @@ class Epilogue(wiring.Component):
         s2_free = Signal()
         s1_free = ~s1_valid | s2_free
         m.d.comb += self.i.ready.eq(s1_free & self.loaded)
-        token_read = token_factors.read_port()
         channel_read = channel_factors.read_port()
         kind = self.i.payload.kind
         section = Mux(kind == Projection.GATE, 0,
                       Mux(kind == Projection.UP, self.ffn_tiles, 2 * self.ffn_tiles))
         m.d.comb += [
-            token_read.addr.eq(self.i.payload.token),
-            token_read.en.eq(s1_free),
             channel_read.addr.eq(section + self.i.payload.tile),
             channel_read.en.eq(s1_free),
         ]
@@ -212,7 +202,7 @@ class Epilogue(wiring.Component):
         s2_side = Signal(sideband)
         m.d.comb += s2_free.eq(~s2_valid | requant.i.ready)
         token_factor = Signal(factor)
-        m.d.comb += token_factor.eq(Mux(s1_side.kind == Projection.DOWN, 1, token_read.data))
+        m.d.comb += token_factor.eq(Mux(s1_side.kind == Projection.DOWN, 1, self._token_factor(m, s1_free)))
         with m.If(s2_free):
             m.d.sync += [s2_valid.eq(s1_valid), s2_side.eq(s1_side)]
             for lane in range(cols):
@@ -293,6 +283,29 @@ class Epilogue(wiring.Component):
             gated.o.ready.eq(self.h.ready),
         ]
         return m
+
+    def _token_factor(self, m, s1_free):
+        """The factor of the token of the row in stage 1, read when the row entered it."""
+        factor = _factor_shape()
+        if self.max_tokens == 1:
+            # one token: its factor stays put from before its first row until the run ends
+            # (the next run's factor comes after it), so a register serves without a read copy
+            held = Signal(factor)
+            with m.If(self.factors.valid):
+                m.d.sync += held.eq(self.factors.payload.factor)
+            return held
+        token_factors = Memory(shape=factor, depth=self.max_tokens, init=[])
+        m.submodules.token_factors = token_factors
+        factor_write = token_factors.write_port()
+        token_read = token_factors.read_port()
+        m.d.comb += [
+            factor_write.addr.eq(self.factors.payload.token),
+            factor_write.data.eq(self.factors.payload.factor),
+            factor_write.en.eq(self.factors.valid),
+            token_read.addr.eq(self.i.payload.token),
+            token_read.en.eq(s1_free),
+        ]
+        return token_read.data
 
     def _load_params(self, m, channel_factors, table, gated_mult, gated_shift):
         """Sections of the params stream, in order: gate, up, down factors (one per channel,

@@ -171,8 +171,10 @@ class ExpertEngine(wiring.Component):
         h_entries = -(-max(self.ffn_tiles * cols, self.ffn_groups * n) // h_width)
         m.submodules.x_buffer = x_buffer = Memory(shape=rows * x_width * aw, depth=max(2, token_tiles * x_entries),
                                                   init=[])
+        # h in block RAM even when it is small: as flip-flops, its lane write enables and its
+        # read multiplexer cost more than a block (ice40-min: 8 x 8 bits, about 100 cells)
         m.submodules.h_buffer = h_buffer = Memory(shape=rows * h_width * aw, depth=max(2, token_tiles * h_entries),
-                                                  init=[])
+                                                  init=[], attrs={"ram_style": "block"})
 
         tag = data.StructLayout({
             "address": range(max(2, token_tiles * h_entries)), "lane": range(max(2, rows)),
