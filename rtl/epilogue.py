@@ -183,7 +183,7 @@ class Epilogue(wiring.Component):
         table = Memory(shape=data.ArrayLayout(signed(aw), 4), depth=max(2, (1 << aw) // 4), init=[],
                        attrs=_LOADED_FIRST)
         m.submodules.table = table
-        gated_mult = Signal(31)
+        gated_mult = Signal(31, reset_less=True)  # a multiplier input register (loaded again each run)
         gated_shift = Signal(SHIFT_BITS)
 
         self._load_params(m, channel_factors, table, gated_mult, gated_shift)
@@ -223,7 +223,10 @@ class Epilogue(wiring.Component):
         m.submodules.requant = requant = Requantizer(acc_width=self.acc_width, out_width=aw, lanes=cols,
                                                      mult_bits=2 * FACTOR_BITS)
         s2_side = Signal(sideband)
-        m.d.comb += s2_free.eq(~s2_valid | requant.i.ready)
+        # Registers around the multipliers are reset-less (their values matter only beside a
+        # valid bit that resets): yosys folds only such registers into a SB_MAC16.
+        s2_payload = Signal(requant.i.payload.shape(), reset_less=True)
+        m.d.comb += [s2_free.eq(~s2_valid | requant.i.ready), requant.i.payload.eq(s2_payload)]
         token_factor = Signal(factor)
         m.d.comb += token_factor.eq(Mux(s1_side.kind == Projection.DOWN, 1, self._token_factor(m, s1_free)))
         with m.If(s2_free):
@@ -231,9 +234,9 @@ class Epilogue(wiring.Component):
             for lane in range(cols):
                 chan = channel_read.data[lane]
                 m.d.sync += [
-                    requant.i.payload.acc[lane].eq(s1_acc[lane]),
-                    requant.i.payload.mult[lane].eq(token_factor.mult * chan.mult),
-                    requant.i.payload.shift[lane].eq(token_factor.shift + chan.shift),
+                    s2_payload.acc[lane].eq(s1_acc[lane]),
+                    s2_payload.mult[lane].eq(token_factor.mult * chan.mult),
+                    s2_payload.shift[lane].eq(token_factor.shift + chan.shift),
                 ]
         m.d.comb += [
             requant.i.valid.eq(s2_valid),
@@ -278,7 +281,8 @@ class Epilogue(wiring.Component):
         # |a * u| <= 2**(aw-1) * qmax < 2**(2*aw-2): u is saturated symmetrically.
         m.submodules.gated = gated = Requantizer(acc_width=2 * aw - 1, out_width=aw, lanes=cols)
         u1_valid = Signal()
-        u1_values = Signal.like(requant.o.payload)
+        u1_values = Signal.like(requant.o.payload, reset_less=True)
+        gated_acc = Signal(gated.i.payload.acc.shape(), reset_less=True)
         u1_tag = Signal(self.tag_width)
         u2_valid = Signal()
         u2_tag = Signal(self.tag_width)
@@ -294,10 +298,11 @@ class Epilogue(wiring.Component):
         with m.If(u2_free):
             m.d.sync += [u2_valid.eq(u1_valid), u2_tag.eq(u1_tag)]
             for lane in range(cols):
-                m.d.sync += gated.i.payload.acc[lane].eq(act_read.data[lane] * u1_values[lane])
+                m.d.sync += gated_acc[lane].eq(act_read.data[lane] * u1_values[lane])
         # the gated factor is constant while a run's rows flow: no copy per beat
         for lane in range(cols):
             m.d.comb += [gated.i.payload.mult[lane].eq(gated_mult), gated.i.payload.shift[lane].eq(gated_shift)]
+        m.d.comb += gated.i.payload.acc.eq(gated_acc)
         m.d.comb += [
             gated.i.valid.eq(u2_valid),
             self.h.valid.eq(gated.o.valid),
