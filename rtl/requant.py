@@ -94,15 +94,17 @@ class Requantizer(wiring.Component):
             low = Signal(signed(window), name=f"low_{lane}")  # q's low bits
             beyond = Signal(name=f"beyond_{lane}")  # q does not fit the window: it saturates
             negative = Signal(name=f"negative_{lane}")
-            shifted, lost = self._shift_window(m, Cat(C(0, 1), product), product[-1], shift_1, window, lane)
+            # q fits the window when its bits from window - 1 up all copy the sign: the
+            # shifter keeps the bits below that and reports whether any above differs
+            shifted, lost = self._shift_window(m, Cat(C(0, 1), product), product[-1], shift_1, window - 1, lane)
             rounded = Signal(signed(window), name=f"rounded_{lane}")
             m.d.comb += rounded.eq((low + 1) >> 1)
             with m.If(advance):
                 m.d.sync += [
                     product.eq(self._multiply(self.i.payload.acc[lane], self.i.payload.mult[lane])),
                     shift_1.eq(self.i.payload.shift[lane]),
-                    low.eq(shifted),
-                    beyond.eq(lost | (shifted[-1] ^ product[-1])),
+                    low.eq(Cat(shifted, product[-1])),
+                    beyond.eq(lost),
                     negative.eq(product[-1]),
                     self.o.payload[lane].eq(Mux(beyond, Mux(negative, -qmax, qmax),
                                                 Mux(rounded > qmax, qmax, Mux(rounded < -qmax, -qmax, rounded)))),
@@ -137,4 +139,4 @@ class Requantizer(wiring.Component):
             stage = Signal(keep, name=f"shift{distance}_{lane}")
             m.d.comb += stage.eq(Mux(shift[step], value[distance:distance + keep], value[:keep]))
             value = stage
-        return value.as_signed(), Cat(*lost).any()
+        return value, Cat(*lost).any()
