@@ -1,8 +1,10 @@
 """The SwiGLU epilogue: array accumulators to the gate activation, the gated product and the
 expert output, bit-exact with :func:`moegen.golden.expert.expert_int` steps 3 to 6."""
 
+from types import SimpleNamespace
+
 from amaranth import Cat, Module, Mux, Signal, signed, unsigned
-from amaranth.lib import data, enum, fifo, stream, wiring
+from amaranth.lib import data, enum, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import bits_for
@@ -11,7 +13,8 @@ from ..golden.expert import FACTOR_BITS
 from .params import check_int
 from .requant import SHIFT_BITS, Requantizer
 
-__all__ = ["Epilogue", "Projection", "epilogue_input_layout", "factor_layout", "gated_layout", "output_layout"]
+__all__ = ["Epilogue", "Projection", "epilogue_input_layout", "factor_layout", "gated_layout", "output_layout",
+           "registered_read"]
 
 
 class Projection(enum.Enum, shape=2):
@@ -58,6 +61,38 @@ def output_layout(cols, act_width, max_tokens, hidden, tag_width):
     })
 
 
+#: Memories written only while the parameters load, before any row is read: what a read
+#: returns when it meets a write to its entry does not matter.
+_LOADED_FIRST = {"no_rw_check": 1}
+
+
+def registered_read(m, memory, name):
+    """A synchronous read port (``addr``, ``en``, ``data`` one cycle later, the old data when a
+    write meets it) as an asynchronous port and a register: yosys merges the two into a block
+    RAM's read port and there honours the memory's ``no_rw_check`` attribute, where it would
+    otherwise delay every write by a cycle (registers on its data and address) to return the
+    old data on a collision."""
+    port = memory.read_port(domain="comb")
+    read = SimpleNamespace(addr=port.addr, en=Signal(name=f"{name}__en"),
+                           data=Signal(port.data.shape(), name=f"{name}__data"))
+    with m.If(read.en):
+        m.d.sync += read.data.eq(port.data)
+    return read
+
+
+def _alongside(m, requant, value, name):
+    """``value`` as it was when the beat now on ``requant.o`` entered ``requant.i``: a
+    :class:`~moegen.rtl.requant.Requantizer` moves all its stages together exactly when
+    ``i.ready``, so ``LATENCY`` registers moving with it keep a beat's side-band beside it
+    (a FIFO would hold the same entries, with pointers and a read multiplexer)."""
+    for stage in range(Requantizer.LATENCY):
+        delayed = Signal.like(value, name=f"{name}_{stage + 1}")
+        with m.If(requant.i.ready):
+            m.d.sync += delayed.eq(value)
+        value = delayed
+    return value
+
+
 class Epilogue(wiring.Component):
     """Requantization, activation table and gated multiply of an int8 SwiGLU expert.
 
@@ -75,7 +110,8 @@ class Epilogue(wiring.Component):
     (gate, up, down channel factors ``mult | shift << 16``, gated mult, gated shift, the
     activation table four entries per word); ``start`` restarts that load and input waits
     until it is complete (``loaded``). Channels past ``ffn``/``hidden`` in a tile have
-    factor 0. Token factors arrive on ``factors`` at any time before the token's first beat.
+    factor 0. Token factors arrive on ``factors`` at any time before the token's first beat
+    (and are not rewritten before its last one).
     One :class:`~moegen.rtl.requant.Requantizer` of ``cols`` lanes serves all three
     projections, a second one the gated product.
 
@@ -141,25 +177,18 @@ class Epilogue(wiring.Component):
 
         # Channel factors: one entry of `cols` factors per tile; gate tiles, up tiles, down tiles.
         channel_factors = Memory(shape=data.ArrayLayout(factor, cols),
-                                 depth=2 * self.ffn_tiles + self.hidden_tiles, init=[])
+                                 depth=2 * self.ffn_tiles + self.hidden_tiles, init=[], attrs=_LOADED_FIRST)
         m.submodules.channel_factors = channel_factors
-        token_factors = Memory(shape=factor, depth=max(2, self.max_tokens), init=[])
-        m.submodules.token_factors = token_factors
         # The activation table, four entries per word as the params stream carries it.
-        table = Memory(shape=data.ArrayLayout(signed(aw), 4), depth=max(2, (1 << aw) // 4), init=[])
+        table = Memory(shape=data.ArrayLayout(signed(aw), 4), depth=max(2, (1 << aw) // 4), init=[],
+                       attrs=_LOADED_FIRST)
         m.submodules.table = table
-        gated_mult = Signal(31)
+        gated_mult = Signal(31, reset_less=True)  # a multiplier input register (loaded again each run)
         gated_shift = Signal(SHIFT_BITS)
 
         self._load_params(m, channel_factors, table, gated_mult, gated_shift)
 
-        factor_write = token_factors.write_port()
-        m.d.comb += [
-            factor_write.addr.eq(self.factors.payload.token),
-            factor_write.data.eq(self.factors.payload.factor),
-            factor_write.en.eq(self.factors.valid),
-            self.factors.ready.eq(1),
-        ]
+        m.d.comb += self.factors.ready.eq(1)
 
         # Stage 1: take a row, read its token's and its tile's factors.
         sideband = data.StructLayout({"kind": Projection, "token": self.i.payload.token.shape(),
@@ -171,14 +200,11 @@ class Epilogue(wiring.Component):
         s2_free = Signal()
         s1_free = ~s1_valid | s2_free
         m.d.comb += self.i.ready.eq(s1_free & self.loaded)
-        token_read = token_factors.read_port()
-        channel_read = channel_factors.read_port()
+        channel_read = registered_read(m, channel_factors, "channel_read")
         kind = self.i.payload.kind
         section = Mux(kind == Projection.GATE, 0,
                       Mux(kind == Projection.UP, self.ffn_tiles, 2 * self.ffn_tiles))
         m.d.comb += [
-            token_read.addr.eq(self.i.payload.token),
-            token_read.en.eq(s1_free),
             channel_read.addr.eq(section + self.i.payload.tile),
             channel_read.en.eq(s1_free),
         ]
@@ -194,35 +220,34 @@ class Epilogue(wiring.Component):
 
         # Stage 2: the per-(token, channel) multiplier is the product of the two factors;
         # down rows have no token factor.
-        m.submodules.requant = requant = Requantizer(acc_width=self.acc_width, out_width=aw, lanes=cols)
-        m.submodules.requant_side = requant_side = fifo.SyncFIFO(width=len(s1_side.as_value()),
-                                                                 depth=Requantizer.LATENCY + 1)
+        m.submodules.requant = requant = Requantizer(acc_width=self.acc_width, out_width=aw, lanes=cols,
+                                                     mult_bits=2 * FACTOR_BITS)
         s2_side = Signal(sideband)
-        m.d.comb += s2_free.eq(~s2_valid | requant.i.ready)
+        # Registers around the multipliers are reset-less (their values matter only beside a
+        # valid bit that resets): yosys folds only such registers into a SB_MAC16.
+        s2_payload = Signal(requant.i.payload.shape(), reset_less=True)
+        m.d.comb += [s2_free.eq(~s2_valid | requant.i.ready), requant.i.payload.eq(s2_payload)]
         token_factor = Signal(factor)
-        m.d.comb += token_factor.eq(Mux(s1_side.kind == Projection.DOWN, 1, token_read.data))
+        m.d.comb += token_factor.eq(Mux(s1_side.kind == Projection.DOWN, 1, self._token_factor(m, s1_free)))
         with m.If(s2_free):
             m.d.sync += [s2_valid.eq(s1_valid), s2_side.eq(s1_side)]
             for lane in range(cols):
                 chan = channel_read.data[lane]
                 m.d.sync += [
-                    requant.i.payload.acc[lane].eq(s1_acc[lane]),
-                    requant.i.payload.mult[lane].eq(token_factor.mult * chan.mult),
-                    requant.i.payload.shift[lane].eq(token_factor.shift + chan.shift),
+                    s2_payload.acc[lane].eq(s1_acc[lane]),
+                    s2_payload.mult[lane].eq(token_factor.mult * chan.mult),
+                    s2_payload.shift[lane].eq(token_factor.shift + chan.shift),
                 ]
         m.d.comb += [
             requant.i.valid.eq(s2_valid),
-            requant_side.w_data.eq(s2_side),
-            requant_side.w_en.eq(requant.i.valid & requant.i.ready),
         ]
 
         # After the requantizer: gate rows go to the table, up rows to the gated multiply,
         # down rows out on y.
-        out_side = data.View(sideband, requant_side.r_data)
+        out_side = data.View(sideband, _alongside(m, requant, s2_side.as_value(), "requant_side"))
         out_kind = out_side.kind
         gated_free = Signal()
         m.d.comb += [
-            requant_side.r_en.eq(requant.o.valid & requant.o.ready),
             requant.o.ready.eq(Mux(out_kind == Projection.GATE, 1,
                                    Mux(out_kind == Projection.UP, gated_free, self.y.ready))),
             self.y.valid.eq(requant.o.valid & (out_kind == Projection.DOWN)),
@@ -246,17 +271,18 @@ class Epilogue(wiring.Component):
         looked_up = []
         for lane in range(cols):
             code = requant.o.payload[lane][:aw]  # the gate's code modulo 2**act_width
-            port = table.read_port()
+            port = registered_read(m, table, f"table_read_{lane}")
             m.d.comb += [port.addr.eq(code >> 2), port.en.eq(1)]
             m.d.sync += gate_lanes[lane].eq(code[:2])
             looked_up.append(port.data.as_value().word_select(gate_lanes[lane], aw))
         m.d.comb += [act_write.addr.eq(gate_token), act_write.data.eq(Cat(*looked_up)), act_write.en.eq(gate_valid)]
 
         # Up: read a (written by this token's gate row), multiply, requantize with the gated factor.
-        m.submodules.gated = gated = Requantizer(acc_width=2 * aw, out_width=aw, lanes=cols)
-        m.submodules.gated_side = gated_side = fifo.SyncFIFO(width=self.tag_width, depth=Requantizer.LATENCY + 1)
+        # |a * u| <= 2**(aw-1) * qmax < 2**(2*aw-2): u is saturated symmetrically.
+        m.submodules.gated = gated = Requantizer(acc_width=2 * aw - 1, out_width=aw, lanes=cols)
         u1_valid = Signal()
-        u1_values = Signal.like(requant.o.payload)
+        u1_values = Signal.like(requant.o.payload, reset_less=True)
+        gated_acc = Signal(gated.i.payload.acc.shape(), reset_less=True)
         u1_tag = Signal(self.tag_width)
         u2_valid = Signal()
         u2_tag = Signal(self.tag_width)
@@ -272,22 +298,42 @@ class Epilogue(wiring.Component):
         with m.If(u2_free):
             m.d.sync += [u2_valid.eq(u1_valid), u2_tag.eq(u1_tag)]
             for lane in range(cols):
-                m.d.sync += [
-                    gated.i.payload.acc[lane].eq(act_read.data[lane] * u1_values[lane]),
-                    gated.i.payload.mult[lane].eq(gated_mult),
-                    gated.i.payload.shift[lane].eq(gated_shift),
-                ]
+                m.d.sync += gated_acc[lane].eq(act_read.data[lane] * u1_values[lane])
+        # the gated factor is constant while a run's rows flow: no copy per beat
+        for lane in range(cols):
+            m.d.comb += [gated.i.payload.mult[lane].eq(gated_mult), gated.i.payload.shift[lane].eq(gated_shift)]
+        m.d.comb += gated.i.payload.acc.eq(gated_acc)
         m.d.comb += [
             gated.i.valid.eq(u2_valid),
-            gated_side.w_data.eq(u2_tag),
-            gated_side.w_en.eq(gated.i.valid & gated.i.ready),
             self.h.valid.eq(gated.o.valid),
             self.h.payload.values.eq(gated.o.payload),
-            self.h.payload.tag.eq(gated_side.r_data),
+            self.h.payload.tag.eq(_alongside(m, gated, u2_tag, "gated_side")),
             gated.o.ready.eq(self.h.ready),
-            gated_side.r_en.eq(gated.o.valid & gated.o.ready),
         ]
         return m
+
+    def _token_factor(self, m, s1_free):
+        """The factor of the token of the row in stage 1, read when the row entered it."""
+        factor = _factor_shape()
+        if self.max_tokens == 1:
+            # one token: its factor stays put from before its first row until the run ends
+            # (the next run's factor comes after it), so a register serves without a read copy
+            held = Signal(factor)
+            with m.If(self.factors.valid):
+                m.d.sync += held.eq(self.factors.payload.factor)
+            return held
+        token_factors = Memory(shape=factor, depth=self.max_tokens, init=[])
+        m.submodules.token_factors = token_factors
+        factor_write = token_factors.write_port()
+        token_read = token_factors.read_port()
+        m.d.comb += [
+            factor_write.addr.eq(self.factors.payload.token),
+            factor_write.data.eq(self.factors.payload.factor),
+            factor_write.en.eq(self.factors.valid),
+            token_read.addr.eq(self.i.payload.token),
+            token_read.en.eq(s1_free),
+        ]
+        return token_read.data
 
     def _load_params(self, m, channel_factors, table, gated_mult, gated_shift):
         """Sections of the params stream, in order: gate, up, down factors (one per channel,

@@ -38,7 +38,7 @@ from amaranth.utils import bits_for
 from ..golden.device import activation_bytes, x_words
 from ..golden.expert import FACTOR_BITS
 from .array import SparseSystolicArray, check_shape, required_acc_bits, step_bits
-from .epilogue import Epilogue, Projection
+from .epilogue import Epilogue, Projection, registered_read
 from .params import check_int, reject
 from .requant import SHIFT_BITS
 
@@ -131,6 +131,10 @@ class ExpertEngine(wiring.Component):
         if acc_width < need:
             reject(self, f"acc_width must be in {need}..32 to hold {products} products of {act_width}x{weight_width} "
                          f"bits, not {acc_width}")
+        # The bits any sum of `products` int products takes, whatever the values (-2**(w-1)
+        # included): the array and the epilogue need no more, the config's rule allows more.
+        exact = ((1 << (act_width + weight_width - 2)) * products).bit_length() + 1
+        self.result_width = max(8, min(acc_width, exact))
         self.ffn_tiles = -(-ffn // cols)
         self.hidden_tiles = -(-hidden // cols)
         self.step_bits = step_bits(cols, m, n, weight_width)
@@ -165,19 +169,24 @@ class ExpertEngine(wiring.Component):
         x_entries = -(-max(4 * -(-self.hidden // 4), self.hidden_groups * n) // x_width)
         h_width = math.lcm(cols, n)
         h_entries = -(-max(self.ffn_tiles * cols, self.ffn_groups * n) // h_width)
+        # Both in block RAM even when small: as flip-flops their lane write enables and read
+        # multiplexers cost more than a block (ice40-min: 2 x 32 and 8 x 8 bits, about 230
+        # cells). No read meets a write to its entry (no_rw_check): a token tile is read once
+        # all its tokens are in, h only in the down passes, after its last write.
+        buffer = {"ram_style": "block", "no_rw_check": 1}
         m.submodules.x_buffer = x_buffer = Memory(shape=rows * x_width * aw, depth=max(2, token_tiles * x_entries),
-                                                  init=[])
+                                                  init=[], attrs=buffer)
         m.submodules.h_buffer = h_buffer = Memory(shape=rows * h_width * aw, depth=max(2, token_tiles * h_entries),
-                                                  init=[])
+                                                  init=[], attrs=buffer)
 
         tag = data.StructLayout({
             "address": range(max(2, token_tiles * h_entries)), "lane": range(max(2, rows)),
             "offset": range(max(2, h_width)), "final": 1})
         m.submodules.array = array = SparseSystolicArray(
             rows=rows, cols=cols, m=self.m, n=n, act_width=aw, weight_width=self.weight_width,
-            acc_width=self.acc_width)
+            acc_width=self.result_width)
         m.submodules.epilogue = epilogue = Epilogue(
-            cols=cols, hidden=self.hidden, ffn=self.ffn, max_tokens=self.max_tokens, acc_width=self.acc_width,
+            cols=cols, hidden=self.hidden, ffn=self.ffn, max_tokens=self.max_tokens, acc_width=self.result_width,
             act_width=aw, tag_width=tag.size)
         connect(m, wiring.flipped(self.weights), array.w)
 
@@ -321,8 +330,8 @@ class ExpertEngine(wiring.Component):
         beat_last, beat_rows, beat_part, beat_down = Signal(), Signal(range(rows + 1)), Signal.like(part), Signal()
         advance = ~beat_valid | array.a.ready
         issue = running & ~finished & ready & advance
-        x_read = x_buffer.read_port()
-        h_read = h_buffer.read_port()
+        x_read = registered_read(m, x_buffer, "x_read")
+        h_read = registered_read(m, h_buffer, "h_read")
         m.d.comb += [x_read.addr.eq(address + entry), x_read.en.eq(advance),
                      h_read.addr.eq(address + entry), h_read.en.eq(advance)]
         with m.If(advance):

@@ -147,6 +147,15 @@ def test_matches_golden_requant_table_and_gated_multiply(cols, hidden, ffn, toke
     assert y == case.y
 
 
+def test_single_token_factor_in_a_register():
+    """max_tokens 1 keeps the token factor in a register, not a memory."""
+    case = Case(cols=2, hidden=4, ffn=6, tokens=1, act_width=8, seed=11)
+    dut = Epilogue(cols=2, hidden=4, ffn=6, max_tokens=1, acc_width=24, act_width=8, tag_width=8)
+    h, y = simulate(dut, case, idle=0.3, stall=0.4, seed=12)
+    assert h == case.h
+    assert y == case.y
+
+
 def test_waits_for_all_parameters():
     case = Case(cols=2, hidden=2, ffn=2, tokens=1, act_width=8, seed=5)
     dut = Epilogue(cols=2, hidden=2, ffn=2, max_tokens=1, acc_width=24, act_width=8)
