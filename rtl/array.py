@@ -20,13 +20,14 @@ through a row multiplexer into the result FIFO while the next tile is already ac
 (the first step of a tile overwrites the accumulator instead of adding to it).
 """
 
-from amaranth import Array, Cat, Elaboratable, Module, Mux, Signal, signed, unsigned
+from amaranth import Array, Cat, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import bits_for, ceil_log2
 
 from ..golden.formats import index_bits
+from .memory import BlockFIFO
 from .params import check_int, reject
 
 __all__ = [
@@ -102,46 +103,6 @@ def check_shape(owner, *, rows, cols, m, n, act_width, weight_width, acc_width):
     owner.act_width = check_int(owner, "act_width", act_width, 2, 8)
     owner.weight_width = check_int(owner, "weight_width", weight_width, 2, 8)
     owner.acc_width = check_int(owner, "acc_width", acc_width, 8, 32)
-
-
-class _ResultQueue(Elaboratable):
-    """:class:`amaranth.lib.fifo.SyncFIFOBuffered`'s ``w_en``, ``w_data``, ``r_rdy``, ``r_data``,
-    ``r_en`` and behaviour (``depth - 1`` entries in a memory, one in the output register),
-    with the memory read as an asynchronous port and a register: yosys merges the two into a
-    block RAM's read port, where the ``no_rw_check`` attribute spares the write delay (data,
-    address and enable registers) it adds to a synchronous port to return the old data on a
-    collision. The queue reads an entry only when it is not empty and writes one only when
-    it is not full, so a read never meets a write to its entry."""
-
-    def __init__(self, *, width, depth):
-        self.width, self.depth = width, depth
-        self.w_en, self.w_data = Signal(), Signal(width)
-        self.r_rdy, self.r_data, self.r_en = Signal(), Signal(width), Signal()
-
-    def elaborate(self, platform):
-        m = Module()
-        inner_depth = self.depth - 1
-        m.submodules.storage = storage = Memory(shape=self.width, depth=inner_depth, init=[],
-                                                attrs={"no_rw_check": 1})
-        level = Signal(range(inner_depth + 1))
-        produce, consume = Signal(range(inner_depth)), Signal(range(inner_depth))
-        do_write = self.w_en & (level != inner_depth)
-        do_read = (level != 0) & (~self.r_rdy | self.r_en)
-        write, read = storage.write_port(), storage.read_port(domain="comb")
-        m.d.comb += [write.addr.eq(produce), write.data.eq(self.w_data), write.en.eq(do_write),
-                     read.addr.eq(consume)]
-        with m.If(do_write):
-            m.d.sync += produce.eq(Mux(produce == inner_depth - 1, 0, produce + 1))
-        with m.If(do_read):
-            m.d.sync += [consume.eq(Mux(consume == inner_depth - 1, 0, consume + 1)), self.r_data.eq(read.data),
-                         self.r_rdy.eq(1)]
-        with m.Elif(self.r_en):
-            m.d.sync += self.r_rdy.eq(0)
-        with m.If(do_write & ~do_read):
-            m.d.sync += level.eq(level + 1)
-        with m.If(do_read & ~do_write):
-            m.d.sync += level.eq(level - 1)
-        return m
 
 
 class SparseSystolicArray(wiring.Component):
@@ -221,7 +182,7 @@ class SparseSystolicArray(wiring.Component):
         aw, ww, ib = self.act_width, self.weight_width, self.index_bits
         a = self.a.payload
 
-        m.submodules.results = results = _ResultQueue(width=len(self.o.payload.as_value()), depth=self.fifo_depth)
+        m.submodules.results = results = BlockFIFO(width=len(self.o.payload.as_value()), depth=self.fifo_depth)
 
         # Edge: a step is accepted when both streams offer one; a tile's last step also needs
         # FIFO room for its rows and a free drain (rows of two tiles never drain at once).

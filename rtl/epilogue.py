@@ -1,8 +1,6 @@
 """The SwiGLU epilogue: array accumulators to the gate activation, the gated product and the
 expert output, bit-exact with :func:`moegen.golden.expert.expert_int` steps 3 to 6."""
 
-from types import SimpleNamespace
-
 from amaranth import Cat, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, enum, stream, wiring
 from amaranth.lib.memory import Memory
@@ -10,11 +8,11 @@ from amaranth.lib.wiring import In, Out
 from amaranth.utils import bits_for
 
 from ..golden.expert import FACTOR_BITS
+from .memory import UNCHECKED, registered_read_port
 from .params import check_int
 from .requant import SHIFT_BITS, Requantizer
 
-__all__ = ["Epilogue", "Projection", "epilogue_input_layout", "factor_layout", "gated_layout", "output_layout",
-           "registered_read"]
+__all__ = ["Epilogue", "Projection", "epilogue_input_layout", "factor_layout", "gated_layout", "output_layout"]
 
 
 class Projection(enum.Enum, shape=2):
@@ -59,25 +57,6 @@ def output_layout(cols, act_width, max_tokens, hidden, tag_width):
         "channel": unsigned(bits_for(hidden - 1)),
         "tag": unsigned(tag_width),
     })
-
-
-#: Memories written only while the parameters load, before any row is read: what a read
-#: returns when it meets a write to its entry does not matter.
-_LOADED_FIRST = {"no_rw_check": 1}
-
-
-def registered_read(m, memory, name):
-    """A synchronous read port (``addr``, ``en``, ``data`` one cycle later, the old data when a
-    write meets it) as an asynchronous port and a register: yosys merges the two into a block
-    RAM's read port and there honours the memory's ``no_rw_check`` attribute, where it would
-    otherwise delay every write by a cycle (registers on its data and address) to return the
-    old data on a collision."""
-    port = memory.read_port(domain="comb")
-    read = SimpleNamespace(addr=port.addr, en=Signal(name=f"{name}__en"),
-                           data=Signal(port.data.shape(), name=f"{name}__data"))
-    with m.If(read.en):
-        m.d.sync += read.data.eq(port.data)
-    return read
 
 
 def _alongside(m, requant, value, name):
@@ -176,12 +155,14 @@ class Epilogue(wiring.Component):
         factor = _factor_shape()
 
         # Channel factors: one entry of `cols` factors per tile; gate tiles, up tiles, down tiles.
+        # It and the activation table are written only while the parameters load, before any
+        # row is read, so no read meets a write (UNCHECKED).
         channel_factors = Memory(shape=data.ArrayLayout(factor, cols),
-                                 depth=2 * self.ffn_tiles + self.hidden_tiles, init=[], attrs=_LOADED_FIRST)
+                                 depth=2 * self.ffn_tiles + self.hidden_tiles, init=[], attrs=UNCHECKED)
         m.submodules.channel_factors = channel_factors
         # The activation table, four entries per word as the params stream carries it.
         table = Memory(shape=data.ArrayLayout(signed(aw), 4), depth=max(2, (1 << aw) // 4), init=[],
-                       attrs=_LOADED_FIRST)
+                       attrs=UNCHECKED)
         m.submodules.table = table
         gated_mult = Signal(31, reset_less=True)  # a multiplier input register (loaded again each run)
         gated_shift = Signal(SHIFT_BITS)
@@ -200,7 +181,7 @@ class Epilogue(wiring.Component):
         s2_free = Signal()
         s1_free = ~s1_valid | s2_free
         m.d.comb += self.i.ready.eq(s1_free & self.loaded)
-        channel_read = registered_read(m, channel_factors, "channel_read")
+        channel_read = registered_read_port(m, channel_factors, "channel_read")
         kind = self.i.payload.kind
         section = Mux(kind == Projection.GATE, 0,
                       Mux(kind == Projection.UP, self.ffn_tiles, 2 * self.ffn_tiles))
@@ -271,7 +252,7 @@ class Epilogue(wiring.Component):
         looked_up = []
         for lane in range(cols):
             code = requant.o.payload[lane][:aw]  # the gate's code modulo 2**act_width
-            port = registered_read(m, table, f"table_read_{lane}")
+            port = registered_read_port(m, table, f"table_read_{lane}")
             m.d.comb += [port.addr.eq(code >> 2), port.en.eq(1)]
             m.d.sync += gate_lanes[lane].eq(code[:2])
             looked_up.append(port.data.as_value().word_select(gate_lanes[lane], aw))

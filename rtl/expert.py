@@ -38,7 +38,8 @@ from amaranth.utils import bits_for
 from ..golden.device import activation_bytes, x_words
 from ..golden.expert import FACTOR_BITS
 from .array import SparseSystolicArray, check_shape, required_acc_bits, step_bits
-from .epilogue import Epilogue, Projection, registered_read
+from .epilogue import Epilogue, Projection
+from .memory import UNCHECKED, registered_read_port
 from .params import check_int, reject
 from .requant import SHIFT_BITS
 
@@ -173,7 +174,7 @@ class ExpertEngine(wiring.Component):
         # multiplexers cost more than a block (ice40-min: 2 x 32 and 8 x 8 bits, about 230
         # cells). No read meets a write to its entry (no_rw_check): a token tile is read once
         # all its tokens are in, h only in the down passes, after its last write.
-        buffer = {"ram_style": "block", "no_rw_check": 1}
+        buffer = {"ram_style": "block", **UNCHECKED}
         m.submodules.x_buffer = x_buffer = Memory(shape=rows * x_width * aw, depth=max(2, token_tiles * x_entries),
                                                   init=[], attrs=buffer)
         m.submodules.h_buffer = h_buffer = Memory(shape=rows * h_width * aw, depth=max(2, token_tiles * h_entries),
@@ -330,8 +331,8 @@ class ExpertEngine(wiring.Component):
         beat_last, beat_rows, beat_part, beat_down = Signal(), Signal(range(rows + 1)), Signal.like(part), Signal()
         advance = ~beat_valid | array.a.ready
         issue = running & ~finished & ready & advance
-        x_read = registered_read(m, x_buffer, "x_read")
-        h_read = registered_read(m, h_buffer, "h_read")
+        x_read = registered_read_port(m, x_buffer, "x_read")
+        h_read = registered_read_port(m, h_buffer, "h_read")
         m.d.comb += [x_read.addr.eq(address + entry), x_read.en.eq(advance),
                      h_read.addr.eq(address + entry), h_read.en.eq(advance)]
         with m.If(advance):

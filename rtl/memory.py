@@ -55,10 +55,10 @@ NOW_WIDTH = 32
 UNCHECKED = {"no_rw_check": 1}
 
 
-def registered_read_port(m, memory):
+def registered_read_port(m, memory, name=None):
     """A read port of ``memory`` (built with ``attrs=UNCHECKED``) that behaves as a synchronous
     one: ``data`` takes the word at ``addr`` when ``en`` (the word before a write in the same
-    cycle), and holds otherwise.
+    cycle), and holds otherwise; ``name`` prefixes its signals' names.
 
     It is an asynchronous port and a register, which yosys merges into the block RAM's
     registered read; with the memory's ``no_rw_check`` it then leaves out the bypass logic
@@ -67,8 +67,8 @@ def registered_read_port(m, memory):
     never use a word read in the cycle it was written.
     """
     port = memory.read_port(domain="comb")
-    en = Signal(init=1)
-    value = Signal(memory.shape, reset_less=True)
+    en = Signal(init=1, name=name and f"{name}_en")
+    value = Signal(memory.shape, reset_less=True, name=name and f"{name}_data")
     with m.If(en):
         m.d.sync += value.eq(port.data)
     return SimpleNamespace(addr=port.addr, en=en, data=value)
