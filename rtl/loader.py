@@ -37,9 +37,9 @@ first banks load while the current expert's tiles are still being consumed.
 
 import struct
 
-from amaranth import Array, Cat, Const, Module, Mux, Signal, unsigned
+from amaranth import Array, Cat, Const, Elaboratable, Module, Mux, Signal, unsigned
 from amaranth.lib import crc, data, stream, wiring
-from amaranth.lib.fifo import SyncFIFO, SyncFIFOBuffered
+from amaranth.lib.fifo import SyncFIFO
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
@@ -519,7 +519,7 @@ class TileStreamer(wiring.Component):
 
         params_depth = sum(g.segment_entries)  # one image's params and table words
         # one spare entry: the buffered FIFO refuses a write while its output register refills
-        m.submodules.param_fifo = param_fifo = SyncFIFOBuffered(width=8 * g.entry_bytes, depth=params_depth + 1)
+        m.submodules.param_fifo = param_fifo = _BufferedFIFO(width=8 * g.entry_bytes, depth=params_depth + 1)
         per_entry = g.entry_bytes // P  # port words per params FIFO entry
         capacity = params_depth * per_entry
         param_credit = Signal(range(capacity + 1), init=capacity)  # port words the FIFO can still take
@@ -531,9 +531,7 @@ class TileStreamer(wiring.Component):
         for b in range(B):
             pair = []
             for parity in ("even", "odd"):
-                mem = Memory(shape=word_bits, depth=half_depth, init=[])
-                m.submodules[f"bank{b}_{parity}"] = mem
-                pair.append((mem.write_port(granularity=8 * P), mem.read_port()))
+                pair.append(_block_ram(m, f"bank{b}_{parity}", shape=word_bits, depth=half_depth, granularity=8 * P))
             halves.append(pair)
         bank_state = probes.bank_state
         state_of = Array(bank_state)
@@ -988,6 +986,74 @@ class _Probes:
         self.bank_written = [Signal(name=f"bank{b}_written") for b in range(banks)]
         self.bank_read = [Signal(name=f"bank{b}_read") for b in range(banks)]
         self.overflow = Signal(name="overflow")
+
+
+def _block_ram(m, name, *, shape, depth, granularity=None):
+    """A memory for block RAM that no cycle both writes and reads one word: its write port and
+    a read port (``addr``, ``en``, ``data``) whose ``data`` is, from the cycle after one with
+    ``en``, the word that was at ``addr`` (an Amaranth synchronous read port's behaviour).
+
+    Yosys maps an Amaranth synchronous read port onto a block RAM whose result is undefined
+    when a word is written and read in one cycle (iCE40, ECP5) with a register per data bit
+    and a bypass multiplexer (it delays the write a cycle). Read here by a combinational port
+    and a register, which yosys merges into the block RAM's read register and, the memory
+    being ``no_rw_check``, without that logic.
+    """
+    mem = Memory(shape=shape, depth=depth, init=[], attrs={"no_rw_check": 1})
+    m.submodules[name] = mem
+    write = mem.write_port(granularity=granularity) if granularity else mem.write_port()
+    port = mem.read_port(domain="comb")
+    read = _ReadPort(port.addr, Signal(name=f"{name}_read_en"),
+                     Signal(shape, name=f"{name}_read_data", reset_less=True))
+    with m.If(read.en):
+        m.d.sync += read.data.eq(port.data)
+    return write, read
+
+
+class _ReadPort:
+    """The read port of :func:`_block_ram`."""
+
+    def __init__(self, addr, en, data):
+        self.addr, self.en, self.data = addr, en, data
+
+
+class _BufferedFIFO(Elaboratable):
+    """A :class:`~amaranth.lib.fifo.SyncFIFOBuffered` (its ports ``w_en``, ``w_data``,
+    ``w_rdy``, ``r_en``, ``r_data``, ``r_rdy`` and their timing) whose entries are in a
+    :func:`_block_ram`: the inner queue never reads the entry it writes (it reads only entries
+    it holds, and writes only while not full)."""
+
+    def __init__(self, *, width, depth):
+        if depth < 2:
+            raise ValueError(f"depth must be at least 2, not {depth}")
+        self.width, self.depth = width, depth
+        self.w_en, self.w_data, self.w_rdy = Signal(), Signal(width), Signal()
+        self.r_en, self.r_data, self.r_rdy = Signal(), Signal(width), Signal()
+
+    def elaborate(self, platform):
+        m = Module()
+        inner = self.depth - 1  # entries in the block RAM; the last is the output register
+        level = Signal(range(inner + 1))
+        produce = Signal(range(inner))
+        consume = Signal(range(inner))
+        write, read = _block_ram(m, "storage", shape=self.width, depth=inner)
+        do_write = Signal()
+        do_read = Signal()
+        m.d.comb += [
+            self.w_rdy.eq(level != inner),
+            do_write.eq(self.w_en & self.w_rdy),
+            do_read.eq((level != 0) & (~self.r_rdy | self.r_en)),
+            write.addr.eq(produce), write.data.eq(self.w_data), write.en.eq(do_write),
+            read.addr.eq(consume), read.en.eq(do_read), self.r_data.eq(read.data),
+        ]
+        with m.If(do_write):
+            m.d.sync += produce.eq(Mux(produce == inner - 1, 0, produce + 1))
+        with m.If(do_read):
+            m.d.sync += [consume.eq(Mux(consume == inner - 1, 0, consume + 1)), self.r_rdy.eq(1)]
+        with m.Elif(self.r_en):
+            m.d.sync += self.r_rdy.eq(0)
+        m.d.sync += level.eq(level + do_write - do_read)
+        return m
 
 
 class _Job:
