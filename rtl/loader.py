@@ -98,14 +98,15 @@ def command_layout(addr_width):
     })
 
 
-def checked_layout(addr_width):
+def checked_layout(addr_width, tokens_width=TOKENS_WIDTH):
     """A checked command, from :class:`ImageChecker` to :class:`TileStreamer`: ``code`` (0:
-    the image runs), the image's 64-byte ``block`` address, ``expert`` and ``tokens``."""
+    the image runs), the image's 64-byte ``block`` address, ``expert`` and ``tokens`` (the
+    low ``tokens_width`` bits the loader keeps: :attr:`LoaderGeometry.tokens_width`)."""
     return data.StructLayout({
         "code": unsigned(CODE_WIDTH),
         "block": unsigned(addr_width - 6),
         "expert": unsigned(EXPERT_WIDTH),
-        "tokens": unsigned(TOKENS_WIDTH),
+        "tokens": unsigned(tokens_width),
     })
 
 
@@ -127,6 +128,7 @@ def loader_parameters(config, **overrides):
         "banks": config.loader.banks, "bank_bytes": config.loader.bank_bytes,
         "port_width": config.memory.port_width, "burst_len": config.memory.burst_len,
         "outstanding": config.memory.outstanding, "size_bytes": config.memory.size_bytes,
+        "max_tokens": config.model.max_tokens,
         # every image the memory can hold, up to the table's 64 entries
         "verified_images": min(64, max(1, config.memory.size_bytes // lay.nbytes)),
         **overrides,
@@ -141,7 +143,7 @@ class LoaderGeometry:
     """
 
     def __init__(self, *, layout, device_hash, rows, banks=2, bank_bytes=8192, port_width=64, burst_len=16,
-                 outstanding=2, size_bytes=1 << 20, verified_images=4):
+                 outstanding=2, size_bytes=1 << 20, max_tokens=(1 << TOKENS_WIDTH) - 1, verified_images=4):
         if not isinstance(layout, ImageLayout):
             raise ValueError(f"layout must be an ImageLayout, not {layout!r}")
         self.layout = layout
@@ -157,6 +159,9 @@ class LoaderGeometry:
         self.size_bytes = _checked("size_bytes", size_bytes, 128, 1 << 32)
         if size_bytes % IMAGE_ALIGN:
             raise ValueError(f"size_bytes must be a multiple of {IMAGE_ALIGN}, not {size_bytes}")
+        self.max_tokens = _checked("max_tokens", max_tokens, 1, (1 << TOKENS_WIDTH) - 1)
+        # a command's tokens are kept at this width (the counts the array runs fit it)
+        self.tokens_width = max_tokens.bit_length()
         self.verified_images = _checked("verified_images", verified_images, 0, 64)
 
         gate, _, down = layout.matrices
@@ -263,7 +268,7 @@ class ImageChecker(wiring.Component):
         Header and payload reads; ``mem.data`` is always ready.
     written : ``In(written_signature(word_addr_width))``
         Every write into device memory.
-    checked : ``Out(stream.Signature(checked_layout(addr_width)))``
+    checked : ``Out(stream.Signature(checked_layout(addr_width, tokens_width)))``
         One record per command.
     verifying : ``Out(1)``
         High for one cycle when a verify pass starts.
@@ -276,7 +281,7 @@ class ImageChecker(wiring.Component):
             "mem": Out(burst_read_signature(addr_width=g.mem_addr_width, data_width=g.port_width,
                                             burst_len=g.burst_len)),
             "written": In(written_signature(g.mem_addr_width)),
-            "checked": Out(stream.Signature(checked_layout(g.addr_width))),
+            "checked": Out(stream.Signature(checked_layout(g.addr_width, g.tokens_width))),
             "verifying": Out(1),
         })
 
@@ -316,8 +321,8 @@ class ImageChecker(wiring.Component):
         m.d.comb += [checksum.data.eq(word), checksum.valid.eq(beat), checksum.start.eq(beat & first)]
 
         # verified images: block addresses whose payload passed, forgotten when written
-        cur = Signal(command_layout(g.addr_width))
-        block = cur.addr[6:]
+        cur = Signal(checked_layout(g.addr_width, g.tokens_width))  # the command (its code unused)
+        block = cur.block
         written_block = Signal(len(block))
         m.d.comb += written_block.eq(self.written.addr[block_shift:])
 
@@ -393,7 +398,8 @@ class ImageChecker(wiring.Component):
             with m.State("IDLE"):
                 m.d.comb += self.cmd.ready.eq(1)
                 with m.If(self.cmd.valid):
-                    m.d.sync += [cur.eq(self.cmd.payload), dirty.eq(0), error.eq(0)]
+                    m.d.sync += [cur.block.eq(self.cmd.payload.addr[6:]), cur.expert.eq(self.cmd.payload.expert),
+                                 cur.tokens.eq(self.cmd.payload.tokens), dirty.eq(0), error.eq(0)]
                     m.d.sync += [flag.eq(0) for flag in bad.values()]
                     with m.If(self.cmd.payload.addr[6:] >= size_blocks):
                         m.d.sync += error.eq(ImageErrorCode.TRUNCATED)
@@ -469,7 +475,7 @@ class TileStreamer(wiring.Component):
 
     Members
     -------
-    checked : ``In(stream.Signature(checked_layout(addr_width)))``
+    checked : ``In(stream.Signature(checked_layout(addr_width, tokens_width)))``
         Checked commands.
     mem : ``Out(burst_read_signature(...))``
         Params, table and tile reads; ``mem.data`` is always ready.
@@ -492,7 +498,7 @@ class TileStreamer(wiring.Component):
         self.geometry = g = _geometry(self, geometry)
         self.probes = _Probes(g.banks)
         super().__init__({
-            "checked": In(stream.Signature(checked_layout(g.addr_width))),
+            "checked": In(stream.Signature(checked_layout(g.addr_width, g.tokens_width))),
             "mem": Out(burst_read_signature(addr_width=g.mem_addr_width, data_width=g.port_width,
                                             burst_len=g.burst_len)),
             "params": Out(stream.Signature(32)),
@@ -512,7 +518,7 @@ class TileStreamer(wiring.Component):
 
         # ---- descriptors to the emitter, params FIFO
         desc_layout = data.StructLayout({"code": unsigned(CODE_WIDTH), "expert": unsigned(EXPERT_WIDTH),
-                                         "tokens": unsigned(TOKENS_WIDTH)})
+                                         "tokens": unsigned(g.tokens_width)})
         m.submodules.images = images = SyncFIFO(width=desc_layout.size, depth=4)
         desc_in = data.View(desc_layout, images.w_data)
         desc_out = data.View(desc_layout, images.r_data)
@@ -625,7 +631,7 @@ class TileStreamer(wiring.Component):
         bank_filled = burst_done & tag.close & (tag.dest == _Dest.BANK)
 
         # ---- fetch: checked command -> descriptor -> params and table words -> tiles
-        run = Signal(checked_layout(g.addr_width))
+        run = Signal(checked_layout(g.addr_width, g.tokens_width))
         fetch_bank = Signal(range(B))
         bank_word = Signal(range(g.bank_words + 1))
         bank_count = Signal(ntiles_width)
@@ -707,7 +713,7 @@ class TileStreamer(wiring.Component):
 
         expert = Signal(EXPERT_WIDTH)
         code = Signal(CODE_WIDTH)
-        tokens = Signal(TOKENS_WIDTH)
+        tokens = Signal(g.tokens_width)
         segment = Signal()
         word_count = Signal(range(max(g.param_counts)))
         words_per_entry = g.entry_bytes // 4
@@ -732,7 +738,7 @@ class TileStreamer(wiring.Component):
         tile_index = Signal(range(g.tiles_per_image))
         in_bank = Signal(ntiles_width)
         group = Signal(range(max(*g.groups, 2)))
-        token = Signal(TOKENS_WIDTH + 1)
+        token = Signal(g.tokens_width)  # below tokens
         tile_start = Signal(range(g.bank_words + 1))
         rec_word = Signal(range(g.bank_words + 1))
         rec_offset = Signal(range(max(g.word_bytes, 2)))
@@ -875,13 +881,17 @@ class ExpertLoader(wiring.Component):
         Bursts in flight, 1..16.
     size_bytes : int
         Device-memory size, a multiple of 64 in 128..2**32.
+    max_tokens : int
+        Most tokens of a command, 1..65535: the loader keeps a command's tokens at the width
+        of ``max_tokens`` (a count above it runs as its low bits).
     verified_images : int
         Image addresses remembered as verified, 0..64 (0: every command runs a verify pass).
 
     Members
     -------
     cmd : ``In(stream.Signature(command_layout(addr_width)))``
-        Commands: byte address, expected expert id, tokens (0 runs no weights).
+        Commands: byte address, expected expert id, tokens (0 runs no weights; at most
+        ``max_tokens``).
     mem : ``Out(burst_read_signature(...))``
         The burst read port into device memory; ``mem.data`` is always ready.
     written : ``In(written_signature(word_addr_width))``
@@ -901,12 +911,12 @@ class ExpertLoader(wiring.Component):
     """
 
     def __init__(self, *, layout, device_hash, rows, banks=2, bank_bytes=8192, port_width=64, burst_len=16,
-                 outstanding=2, size_bytes=1 << 20, verified_images=4):
+                 outstanding=2, size_bytes=1 << 20, max_tokens=(1 << TOKENS_WIDTH) - 1, verified_images=4):
         try:
             self.geometry = g = LoaderGeometry(
                 layout=layout, device_hash=device_hash, rows=rows, banks=banks, bank_bytes=bank_bytes,
                 port_width=port_width, burst_len=burst_len, outstanding=outstanding, size_bytes=size_bytes,
-                verified_images=verified_images)
+                max_tokens=max_tokens, verified_images=verified_images)
         except ValueError as error:
             reject(self, str(error))
         self.checker = ImageChecker(geometry=g)
@@ -930,7 +940,11 @@ class ExpertLoader(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         g = self.geometry
-        m.submodules.commands = commands = SyncFIFO(width=len(self.cmd.payload.as_value()), depth=2)
+        # queued commands: what the checker keeps of them (block address, expert id, tokens)
+        queued = data.StructLayout({"block": unsigned(g.addr_width - 6), "expert": unsigned(EXPERT_WIDTH),
+                                    "tokens": unsigned(g.tokens_width)})
+        m.submodules.commands = commands = SyncFIFO(width=queued.size, depth=2)
+        head = data.View(queued, commands.r_data)
         m.submodules.checker = checker = self.checker
         m.submodules.streamer = streamer = self.streamer
         m.submodules.arbiter = arbiter = BurstArbiter(clients=2, addr_width=g.mem_addr_width,
@@ -939,9 +953,12 @@ class ExpertLoader(wiring.Component):
         m.d.comb += [
             self.cmd.ready.eq(commands.w_rdy),
             commands.w_en.eq(self.cmd.valid),
-            commands.w_data.eq(self.cmd.payload),
+            commands.w_data.eq(Cat(self.cmd.payload.addr[6:], self.cmd.payload.expert,
+                                   self.cmd.payload.tokens[:g.tokens_width])),
             checker.cmd.valid.eq(commands.r_rdy),
-            checker.cmd.payload.eq(commands.r_data),
+            checker.cmd.payload.addr.eq(Cat(Const(0, 6), head.block)),
+            checker.cmd.payload.expert.eq(head.expert),
+            checker.cmd.payload.tokens.eq(head.tokens),
             commands.r_en.eq(checker.cmd.ready),
         ]
         # the streamer's reads first: they feed the consumer; the checker's fill the gaps
