@@ -39,7 +39,6 @@ import struct
 
 from amaranth import Array, Cat, Const, Elaboratable, Module, Mux, Signal, unsigned
 from amaranth.lib import crc, data, stream, wiring
-from amaranth.lib.fifo import SyncFIFO
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
@@ -327,8 +326,10 @@ class ImageChecker(wiring.Component):
         m.d.comb += written_block.eq(self.written.addr[block_shift:])
 
         def touches(start):
-            """A write this cycle lands inside the image that starts at block ``start``."""
-            return self.written.valid & (written_block >= start) & (written_block - start < image_blocks)
+            """A write this cycle lands inside the image that starts at block ``start``, an image
+            that fits in memory (else the answer is never used): the difference wraps modulo
+            2**len(block) for a write below ``start``, to at least ``image_blocks``."""
+            return self.written.valid & ((written_block - start)[:len(block)] < image_blocks)
 
         dirty = Signal()  # the current image was written while it was checked
         with m.If(touches(block)):
@@ -519,7 +520,7 @@ class TileStreamer(wiring.Component):
         # ---- descriptors to the emitter, params FIFO
         desc_layout = data.StructLayout({"code": unsigned(CODE_WIDTH), "expert": unsigned(EXPERT_WIDTH),
                                          "tokens": unsigned(g.tokens_width)})
-        m.submodules.images = images = SyncFIFO(width=desc_layout.size, depth=4)
+        m.submodules.images = images = _ShiftFIFO(width=desc_layout.size, depth=4)
         desc_in = data.View(desc_layout, images.w_data)
         desc_out = data.View(desc_layout, images.r_data)
 
@@ -552,7 +553,7 @@ class TileStreamer(wiring.Component):
             "beats": unsigned(g.burst_len.bit_length()),
         })
         # one spare entry: a burst may be accepted in the cycle the oldest one completes
-        m.submodules.tags = tags = SyncFIFO(width=tag_layout.size, depth=g.outstanding + 1)
+        m.submodules.tags = tags = _ShiftFIFO(width=tag_layout.size, depth=g.outstanding + 1)
         tag = data.View(tag_layout, tags.r_data)
         offered = Signal(tag_layout)  # routing of the burst on offer
         req = self.mem.req
@@ -727,7 +728,7 @@ class TileStreamer(wiring.Component):
         m.d.sync += param_credit.eq(param_credit - Mux(present & (job.dest == _Dest.PARAMS), size, 0)
                                     + Mux(param_pop, per_entry, 0))
 
-        m.submodules.records = records = SyncFIFO(width=g.step_bits, depth=3)
+        m.submodules.records = records = _ShiftFIFO(width=g.step_bits, depth=3)
         m.d.comb += [
             self.weights.valid.eq(records.r_rdy),
             self.weights.payload.eq(records.r_data),
@@ -943,7 +944,7 @@ class ExpertLoader(wiring.Component):
         # queued commands: what the checker keeps of them (block address, expert id, tokens)
         queued = data.StructLayout({"block": unsigned(g.addr_width - 6), "expert": unsigned(EXPERT_WIDTH),
                                     "tokens": unsigned(g.tokens_width)})
-        m.submodules.commands = commands = SyncFIFO(width=queued.size, depth=2)
+        m.submodules.commands = commands = _ShiftFIFO(width=queued.size, depth=2)
         head = data.View(queued, commands.r_data)
         m.submodules.checker = checker = self.checker
         m.submodules.streamer = streamer = self.streamer
@@ -1032,6 +1033,44 @@ class _ReadPort:
 
     def __init__(self, addr, en, data):
         self.addr, self.en, self.data = addr, en, data
+
+
+class _ShiftFIFO(Elaboratable):
+    """A :class:`~amaranth.lib.fifo.SyncFIFO` (its ports ``w_en``, ``w_data``, ``w_rdy``,
+    ``r_en``, ``r_data``, ``r_rdy`` and ``level``, and their timing) in registers that shift
+    towards the head: ``r_data`` is the first register (no read multiplexer), and a register
+    loads ``w_data`` or the next one through a LUT that packs with it."""
+
+    def __init__(self, *, width, depth):
+        if depth < 1:
+            raise ValueError(f"depth must be at least 1, not {depth}")
+        self.width, self.depth = width, depth
+        self.w_en, self.w_data, self.w_rdy = Signal(), Signal(width), Signal()
+        self.r_en, self.r_data, self.r_rdy = Signal(), Signal(width), Signal()
+        self.level = Signal(range(depth + 1))
+
+    def elaborate(self, platform):
+        m = Module()
+        entries = [Signal(self.width, name=f"entry{k}") for k in range(self.depth)]
+        do_write = Signal()
+        do_read = Signal()
+        m.d.comb += [
+            self.w_rdy.eq(self.level != self.depth),
+            self.r_rdy.eq(self.level != 0),
+            do_write.eq(self.w_en & self.w_rdy),
+            do_read.eq(self.r_en & self.r_rdy),
+            self.r_data.eq(entries[0]),
+        ]
+        at = Signal(range(self.depth + 1))  # where a write lands: behind the entries that stay
+        m.d.comb += at.eq(self.level - do_read)
+        for k, entry in enumerate(entries):
+            with m.If(do_write & (at == k)):
+                m.d.sync += entry.eq(self.w_data)
+            if k + 1 < self.depth:
+                with m.Elif(do_read):
+                    m.d.sync += entry.eq(entries[k + 1])
+        m.d.sync += self.level.eq(self.level + do_write - do_read)
+        return m
 
 
 class _BufferedFIFO(Elaboratable):
