@@ -526,8 +526,9 @@ class TileStreamer(wiring.Component):
 
         params_depth = sum(g.segment_entries)  # one image's params and table words
         # one spare entry: the buffered FIFO refuses a write while its output register refills
-        m.submodules.param_fifo = param_fifo = _BufferedFIFO(width=8 * g.entry_bytes, depth=params_depth + 1)
-        per_entry = g.entry_bytes // P  # port words per params FIFO entry
+        per_entry = g.entry_bytes // P  # port words per params FIFO entry (a narrow port's 32-bit words)
+        m.submodules.param_fifo = param_fifo = _BufferedFIFO(width=8 * g.entry_bytes, depth=params_depth + 1,
+                                                             lanes=per_entry)
         capacity = params_depth * per_entry
         param_credit = Signal(range(capacity + 1), init=capacity)  # port words the FIFO can still take
 
@@ -596,17 +597,7 @@ class TileStreamer(wiring.Component):
         starting = tag.first & (beat_index == 0)
 
         to_params = beat & (tag.dest == _Dest.PARAMS)
-        if P >= 4:
-            m.d.comb += [param_fifo.w_en.eq(to_params), param_fifo.w_data.eq(word_in)]
-        else:
-            # narrow port: whole 32-bit words are assembled before they enter the FIFO
-            packed = Signal(32 - 8 * P)
-            count = Signal(range(4 // P))
-            with m.If(to_params):
-                m.d.sync += [packed.eq(Cat(packed[8 * P:], word_in)), count.eq(count + 1)]
-                with m.If(count == 4 // P - 1):
-                    m.d.sync += count.eq(0)
-                    m.d.comb += [param_fifo.w_en.eq(1), param_fifo.w_data.eq(Cat(packed, word_in))]
+        m.d.comb += [param_fifo.w_en.eq(to_params), param_fifo.w_data.eq(word_in)]
 
         write_word = Signal(range(g.bank_words + 1))
         write_lane = Signal(range(max(g.lanes, 2)))
@@ -1077,13 +1068,18 @@ class _BufferedFIFO(Elaboratable):
     """A :class:`~amaranth.lib.fifo.SyncFIFOBuffered` (its ports ``w_en``, ``w_data``,
     ``w_rdy``, ``r_en``, ``r_data``, ``r_rdy`` and their timing) whose entries are in a
     :func:`_block_ram`: the inner queue never reads the entry it writes (it reads only entries
-    it holds, and writes only while not full)."""
+    it holds, and writes only while not full).
 
-    def __init__(self, *, width, depth):
+    With ``lanes`` above 1 an entry is written a lane (``w_data``, ``width // lanes`` bits,
+    the first lane lowest) per write into the block RAM itself, and enters the queue with its
+    last lane, as the whole entry would have then.
+    """
+
+    def __init__(self, *, width, depth, lanes=1):
         if depth < 2:
             raise ValueError(f"depth must be at least 2, not {depth}")
-        self.width, self.depth = width, depth
-        self.w_en, self.w_data, self.w_rdy = Signal(), Signal(width), Signal()
+        self.width, self.depth, self.lanes = width, depth, lanes
+        self.w_en, self.w_data, self.w_rdy = Signal(), Signal(width // lanes), Signal()
         self.r_en, self.r_data, self.r_rdy = Signal(), Signal(width), Signal()
 
     def elaborate(self, platform):
@@ -1092,16 +1088,24 @@ class _BufferedFIFO(Elaboratable):
         level = Signal(range(inner + 1))
         produce = Signal(range(inner))
         consume = Signal(range(inner))
-        write, read = _block_ram(m, "storage", shape=self.width, depth=inner)
-        do_write = Signal()
+        lanes = self.lanes
+        write, read = _block_ram(m, "storage", shape=self.width, depth=inner,
+                                 granularity=self.width // lanes if lanes > 1 else None)
+        lane = Signal(range(max(lanes, 2)))  # the lane the next write fills
+        do_write = Signal()  # an entry's last lane is written
         do_read = Signal()
+        written = self.w_en & self.w_rdy
         m.d.comb += [
             self.w_rdy.eq(level != inner),
-            do_write.eq(self.w_en & self.w_rdy),
+            do_write.eq(written & (lane == lanes - 1)),
             do_read.eq((level != 0) & (~self.r_rdy | self.r_en)),
-            write.addr.eq(produce), write.data.eq(self.w_data), write.en.eq(do_write),
+            write.addr.eq(produce), write.data.eq(Cat(*[self.w_data] * lanes)),
+            write.en.eq(Mux(written, (Const(1, lanes) << lane)[:lanes], 0)),
             read.addr.eq(consume), read.en.eq(do_read), self.r_data.eq(read.data),
         ]
+        if lanes > 1:
+            with m.If(written):
+                m.d.sync += lane.eq(Mux(lane == lanes - 1, 0, lane + 1))
         with m.If(do_write):
             m.d.sync += produce.eq(Mux(produce == inner - 1, 0, produce + 1))
         with m.If(do_read):
