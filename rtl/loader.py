@@ -37,9 +37,8 @@ first banks load while the current expert's tiles are still being consumed.
 
 import struct
 
-from amaranth import Array, Cat, Const, Module, Mux, Signal, unsigned
+from amaranth import Array, Cat, Const, Elaboratable, Module, Mux, Signal, unsigned
 from amaranth.lib import crc, data, stream, wiring
-from amaranth.lib.fifo import SyncFIFO, SyncFIFOBuffered
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
@@ -98,14 +97,15 @@ def command_layout(addr_width):
     })
 
 
-def checked_layout(addr_width):
+def checked_layout(addr_width, tokens_width=TOKENS_WIDTH):
     """A checked command, from :class:`ImageChecker` to :class:`TileStreamer`: ``code`` (0:
-    the image runs), the image's 64-byte ``block`` address, ``expert`` and ``tokens``."""
+    the image runs), the image's 64-byte ``block`` address, ``expert`` and ``tokens`` (the
+    low ``tokens_width`` bits the loader keeps: :attr:`LoaderGeometry.tokens_width`)."""
     return data.StructLayout({
         "code": unsigned(CODE_WIDTH),
         "block": unsigned(addr_width - 6),
         "expert": unsigned(EXPERT_WIDTH),
-        "tokens": unsigned(TOKENS_WIDTH),
+        "tokens": unsigned(tokens_width),
     })
 
 
@@ -127,6 +127,7 @@ def loader_parameters(config, **overrides):
         "banks": config.loader.banks, "bank_bytes": config.loader.bank_bytes,
         "port_width": config.memory.port_width, "burst_len": config.memory.burst_len,
         "outstanding": config.memory.outstanding, "size_bytes": config.memory.size_bytes,
+        "max_tokens": config.model.max_tokens,
         # every image the memory can hold, up to the table's 64 entries
         "verified_images": min(64, max(1, config.memory.size_bytes // lay.nbytes)),
         **overrides,
@@ -141,7 +142,7 @@ class LoaderGeometry:
     """
 
     def __init__(self, *, layout, device_hash, rows, banks=2, bank_bytes=8192, port_width=64, burst_len=16,
-                 outstanding=2, size_bytes=1 << 20, verified_images=4):
+                 outstanding=2, size_bytes=1 << 20, max_tokens=(1 << TOKENS_WIDTH) - 1, verified_images=4):
         if not isinstance(layout, ImageLayout):
             raise ValueError(f"layout must be an ImageLayout, not {layout!r}")
         self.layout = layout
@@ -157,6 +158,9 @@ class LoaderGeometry:
         self.size_bytes = _checked("size_bytes", size_bytes, 128, 1 << 32)
         if size_bytes % IMAGE_ALIGN:
             raise ValueError(f"size_bytes must be a multiple of {IMAGE_ALIGN}, not {size_bytes}")
+        self.max_tokens = _checked("max_tokens", max_tokens, 1, (1 << TOKENS_WIDTH) - 1)
+        # a command's tokens are kept at this width (the counts the array runs fit it)
+        self.tokens_width = max_tokens.bit_length()
         self.verified_images = _checked("verified_images", verified_images, 0, 64)
 
         gate, _, down = layout.matrices
@@ -263,7 +267,7 @@ class ImageChecker(wiring.Component):
         Header and payload reads; ``mem.data`` is always ready.
     written : ``In(written_signature(word_addr_width))``
         Every write into device memory.
-    checked : ``Out(stream.Signature(checked_layout(addr_width)))``
+    checked : ``Out(stream.Signature(checked_layout(addr_width, tokens_width)))``
         One record per command.
     verifying : ``Out(1)``
         High for one cycle when a verify pass starts.
@@ -276,7 +280,7 @@ class ImageChecker(wiring.Component):
             "mem": Out(burst_read_signature(addr_width=g.mem_addr_width, data_width=g.port_width,
                                             burst_len=g.burst_len)),
             "written": In(written_signature(g.mem_addr_width)),
-            "checked": Out(stream.Signature(checked_layout(g.addr_width))),
+            "checked": Out(stream.Signature(checked_layout(g.addr_width, g.tokens_width))),
             "verifying": Out(1),
         })
 
@@ -316,14 +320,16 @@ class ImageChecker(wiring.Component):
         m.d.comb += [checksum.data.eq(word), checksum.valid.eq(beat), checksum.start.eq(beat & first)]
 
         # verified images: block addresses whose payload passed, forgotten when written
-        cur = Signal(command_layout(g.addr_width))
-        block = cur.addr[6:]
+        cur = Signal(checked_layout(g.addr_width, g.tokens_width))  # the command (its code unused)
+        block = cur.block
         written_block = Signal(len(block))
         m.d.comb += written_block.eq(self.written.addr[block_shift:])
 
         def touches(start):
-            """A write this cycle lands inside the image that starts at block ``start``."""
-            return self.written.valid & (written_block >= start) & (written_block - start < image_blocks)
+            """A write this cycle lands inside the image that starts at block ``start``, an image
+            that fits in memory (else the answer is never used): the difference wraps modulo
+            2**len(block) for a write below ``start``, to at least ``image_blocks``."""
+            return self.written.valid & ((written_block - start)[:len(block)] < image_blocks)
 
         dirty = Signal()  # the current image was written while it was checked
         with m.If(touches(block)):
@@ -393,7 +399,8 @@ class ImageChecker(wiring.Component):
             with m.State("IDLE"):
                 m.d.comb += self.cmd.ready.eq(1)
                 with m.If(self.cmd.valid):
-                    m.d.sync += [cur.eq(self.cmd.payload), dirty.eq(0), error.eq(0)]
+                    m.d.sync += [cur.block.eq(self.cmd.payload.addr[6:]), cur.expert.eq(self.cmd.payload.expert),
+                                 cur.tokens.eq(self.cmd.payload.tokens), dirty.eq(0), error.eq(0)]
                     m.d.sync += [flag.eq(0) for flag in bad.values()]
                     with m.If(self.cmd.payload.addr[6:] >= size_blocks):
                         m.d.sync += error.eq(ImageErrorCode.TRUNCATED)
@@ -469,7 +476,7 @@ class TileStreamer(wiring.Component):
 
     Members
     -------
-    checked : ``In(stream.Signature(checked_layout(addr_width)))``
+    checked : ``In(stream.Signature(checked_layout(addr_width, tokens_width)))``
         Checked commands.
     mem : ``Out(burst_read_signature(...))``
         Params, table and tile reads; ``mem.data`` is always ready.
@@ -492,7 +499,7 @@ class TileStreamer(wiring.Component):
         self.geometry = g = _geometry(self, geometry)
         self.probes = _Probes(g.banks)
         super().__init__({
-            "checked": In(stream.Signature(checked_layout(g.addr_width))),
+            "checked": In(stream.Signature(checked_layout(g.addr_width, g.tokens_width))),
             "mem": Out(burst_read_signature(addr_width=g.mem_addr_width, data_width=g.port_width,
                                             burst_len=g.burst_len)),
             "params": Out(stream.Signature(32)),
@@ -512,15 +519,16 @@ class TileStreamer(wiring.Component):
 
         # ---- descriptors to the emitter, params FIFO
         desc_layout = data.StructLayout({"code": unsigned(CODE_WIDTH), "expert": unsigned(EXPERT_WIDTH),
-                                         "tokens": unsigned(TOKENS_WIDTH)})
-        m.submodules.images = images = SyncFIFO(width=desc_layout.size, depth=4)
+                                         "tokens": unsigned(g.tokens_width)})
+        m.submodules.images = images = _ShiftFIFO(width=desc_layout.size, depth=4)
         desc_in = data.View(desc_layout, images.w_data)
         desc_out = data.View(desc_layout, images.r_data)
 
         params_depth = sum(g.segment_entries)  # one image's params and table words
         # one spare entry: the buffered FIFO refuses a write while its output register refills
-        m.submodules.param_fifo = param_fifo = SyncFIFOBuffered(width=8 * g.entry_bytes, depth=params_depth + 1)
-        per_entry = g.entry_bytes // P  # port words per params FIFO entry
+        per_entry = g.entry_bytes // P  # port words per params FIFO entry (a narrow port's 32-bit words)
+        m.submodules.param_fifo = param_fifo = _BufferedFIFO(width=8 * g.entry_bytes, depth=params_depth + 1,
+                                                             lanes=per_entry)
         capacity = params_depth * per_entry
         param_credit = Signal(range(capacity + 1), init=capacity)  # port words the FIFO can still take
 
@@ -531,9 +539,7 @@ class TileStreamer(wiring.Component):
         for b in range(B):
             pair = []
             for parity in ("even", "odd"):
-                mem = Memory(shape=word_bits, depth=half_depth, init=[])
-                m.submodules[f"bank{b}_{parity}"] = mem
-                pair.append((mem.write_port(granularity=8 * P), mem.read_port()))
+                pair.append(_block_ram(m, f"bank{b}_{parity}", shape=word_bits, depth=half_depth, granularity=8 * P))
             halves.append(pair)
         bank_state = probes.bank_state
         state_of = Array(bank_state)
@@ -548,7 +554,7 @@ class TileStreamer(wiring.Component):
             "beats": unsigned(g.burst_len.bit_length()),
         })
         # one spare entry: a burst may be accepted in the cycle the oldest one completes
-        m.submodules.tags = tags = SyncFIFO(width=tag_layout.size, depth=g.outstanding + 1)
+        m.submodules.tags = tags = _ShiftFIFO(width=tag_layout.size, depth=g.outstanding + 1)
         tag = data.View(tag_layout, tags.r_data)
         offered = Signal(tag_layout)  # routing of the burst on offer
         req = self.mem.req
@@ -591,17 +597,7 @@ class TileStreamer(wiring.Component):
         starting = tag.first & (beat_index == 0)
 
         to_params = beat & (tag.dest == _Dest.PARAMS)
-        if P >= 4:
-            m.d.comb += [param_fifo.w_en.eq(to_params), param_fifo.w_data.eq(word_in)]
-        else:
-            # narrow port: whole 32-bit words are assembled before they enter the FIFO
-            packed = Signal(32 - 8 * P)
-            count = Signal(range(4 // P))
-            with m.If(to_params):
-                m.d.sync += [packed.eq(Cat(packed[8 * P:], word_in)), count.eq(count + 1)]
-                with m.If(count == 4 // P - 1):
-                    m.d.sync += count.eq(0)
-                    m.d.comb += [param_fifo.w_en.eq(1), param_fifo.w_data.eq(Cat(packed, word_in))]
+        m.d.comb += [param_fifo.w_en.eq(to_params), param_fifo.w_data.eq(word_in)]
 
         write_word = Signal(range(g.bank_words + 1))
         write_lane = Signal(range(max(g.lanes, 2)))
@@ -627,7 +623,7 @@ class TileStreamer(wiring.Component):
         bank_filled = burst_done & tag.close & (tag.dest == _Dest.BANK)
 
         # ---- fetch: checked command -> descriptor -> params and table words -> tiles
-        run = Signal(checked_layout(g.addr_width))
+        run = Signal(checked_layout(g.addr_width, g.tokens_width))
         fetch_bank = Signal(range(B))
         bank_word = Signal(range(g.bank_words + 1))
         bank_count = Signal(ntiles_width)
@@ -709,7 +705,7 @@ class TileStreamer(wiring.Component):
 
         expert = Signal(EXPERT_WIDTH)
         code = Signal(CODE_WIDTH)
-        tokens = Signal(TOKENS_WIDTH)
+        tokens = Signal(g.tokens_width)
         segment = Signal()
         word_count = Signal(range(max(g.param_counts)))
         words_per_entry = g.entry_bytes // 4
@@ -723,7 +719,7 @@ class TileStreamer(wiring.Component):
         m.d.sync += param_credit.eq(param_credit - Mux(present & (job.dest == _Dest.PARAMS), size, 0)
                                     + Mux(param_pop, per_entry, 0))
 
-        m.submodules.records = records = SyncFIFO(width=g.step_bits, depth=3)
+        m.submodules.records = records = _ShiftFIFO(width=g.step_bits, depth=3)
         m.d.comb += [
             self.weights.valid.eq(records.r_rdy),
             self.weights.payload.eq(records.r_data),
@@ -734,7 +730,7 @@ class TileStreamer(wiring.Component):
         tile_index = Signal(range(g.tiles_per_image))
         in_bank = Signal(ntiles_width)
         group = Signal(range(max(*g.groups, 2)))
-        token = Signal(TOKENS_WIDTH + 1)
+        token = Signal(g.tokens_width)  # below tokens
         tile_start = Signal(range(g.bank_words + 1))
         rec_word = Signal(range(g.bank_words + 1))
         rec_offset = Signal(range(max(g.word_bytes, 2)))
@@ -877,13 +873,17 @@ class ExpertLoader(wiring.Component):
         Bursts in flight, 1..16.
     size_bytes : int
         Device-memory size, a multiple of 64 in 128..2**32.
+    max_tokens : int
+        Most tokens of a command, 1..65535: the loader keeps a command's tokens at the width
+        of ``max_tokens`` (a count above it runs as its low bits).
     verified_images : int
         Image addresses remembered as verified, 0..64 (0: every command runs a verify pass).
 
     Members
     -------
     cmd : ``In(stream.Signature(command_layout(addr_width)))``
-        Commands: byte address, expected expert id, tokens (0 runs no weights).
+        Commands: byte address, expected expert id, tokens (0 runs no weights; at most
+        ``max_tokens``).
     mem : ``Out(burst_read_signature(...))``
         The burst read port into device memory; ``mem.data`` is always ready.
     written : ``In(written_signature(word_addr_width))``
@@ -903,12 +903,12 @@ class ExpertLoader(wiring.Component):
     """
 
     def __init__(self, *, layout, device_hash, rows, banks=2, bank_bytes=8192, port_width=64, burst_len=16,
-                 outstanding=2, size_bytes=1 << 20, verified_images=4):
+                 outstanding=2, size_bytes=1 << 20, max_tokens=(1 << TOKENS_WIDTH) - 1, verified_images=4):
         try:
             self.geometry = g = LoaderGeometry(
                 layout=layout, device_hash=device_hash, rows=rows, banks=banks, bank_bytes=bank_bytes,
                 port_width=port_width, burst_len=burst_len, outstanding=outstanding, size_bytes=size_bytes,
-                verified_images=verified_images)
+                max_tokens=max_tokens, verified_images=verified_images)
         except ValueError as error:
             reject(self, str(error))
         self.checker = ImageChecker(geometry=g)
@@ -932,7 +932,11 @@ class ExpertLoader(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         g = self.geometry
-        m.submodules.commands = commands = SyncFIFO(width=len(self.cmd.payload.as_value()), depth=2)
+        # queued commands: what the checker keeps of them (block address, expert id, tokens)
+        queued = data.StructLayout({"block": unsigned(g.addr_width - 6), "expert": unsigned(EXPERT_WIDTH),
+                                    "tokens": unsigned(g.tokens_width)})
+        m.submodules.commands = commands = _ShiftFIFO(width=queued.size, depth=2)
+        head = data.View(queued, commands.r_data)
         m.submodules.checker = checker = self.checker
         m.submodules.streamer = streamer = self.streamer
         m.submodules.arbiter = arbiter = BurstArbiter(clients=2, addr_width=g.mem_addr_width,
@@ -941,9 +945,12 @@ class ExpertLoader(wiring.Component):
         m.d.comb += [
             self.cmd.ready.eq(commands.w_rdy),
             commands.w_en.eq(self.cmd.valid),
-            commands.w_data.eq(self.cmd.payload),
+            commands.w_data.eq(Cat(self.cmd.payload.addr[6:], self.cmd.payload.expert,
+                                   self.cmd.payload.tokens[:g.tokens_width])),
             checker.cmd.valid.eq(commands.r_rdy),
-            checker.cmd.payload.eq(commands.r_data),
+            checker.cmd.payload.addr.eq(Cat(Const(0, 6), head.block)),
+            checker.cmd.payload.expert.eq(head.expert),
+            checker.cmd.payload.tokens.eq(head.tokens),
             commands.r_en.eq(checker.cmd.ready),
         ]
         # the streamer's reads first: they feed the consumer; the checker's fill the gaps
@@ -988,6 +995,125 @@ class _Probes:
         self.bank_written = [Signal(name=f"bank{b}_written") for b in range(banks)]
         self.bank_read = [Signal(name=f"bank{b}_read") for b in range(banks)]
         self.overflow = Signal(name="overflow")
+
+
+def _block_ram(m, name, *, shape, depth, granularity=None):
+    """A memory for block RAM that no cycle both writes and reads one word: its write port and
+    a read port (``addr``, ``en``, ``data``) whose ``data`` is, from the cycle after one with
+    ``en``, the word that was at ``addr`` (an Amaranth synchronous read port's behaviour).
+
+    Yosys maps an Amaranth synchronous read port onto a block RAM whose result is undefined
+    when a word is written and read in one cycle (iCE40, ECP5) with a register per data bit
+    and a bypass multiplexer (it delays the write a cycle). Read here by a combinational port
+    and a register, which yosys merges into the block RAM's read register and, the memory
+    being ``no_rw_check``, without that logic.
+    """
+    mem = Memory(shape=shape, depth=depth, init=[], attrs={"no_rw_check": 1})
+    m.submodules[name] = mem
+    write = mem.write_port(granularity=granularity) if granularity else mem.write_port()
+    port = mem.read_port(domain="comb")
+    read = _ReadPort(port.addr, Signal(name=f"{name}_read_en"),
+                     Signal(shape, name=f"{name}_read_data", reset_less=True))
+    with m.If(read.en):
+        m.d.sync += read.data.eq(port.data)
+    return write, read
+
+
+class _ReadPort:
+    """The read port of :func:`_block_ram`."""
+
+    def __init__(self, addr, en, data):
+        self.addr, self.en, self.data = addr, en, data
+
+
+class _ShiftFIFO(Elaboratable):
+    """A :class:`~amaranth.lib.fifo.SyncFIFO` (its ports ``w_en``, ``w_data``, ``w_rdy``,
+    ``r_en``, ``r_data``, ``r_rdy`` and ``level``, and their timing) in registers that shift
+    towards the head: ``r_data`` is the first register (no read multiplexer), and a register
+    loads ``w_data`` or the next one through a LUT that packs with it."""
+
+    def __init__(self, *, width, depth):
+        if depth < 1:
+            raise ValueError(f"depth must be at least 1, not {depth}")
+        self.width, self.depth = width, depth
+        self.w_en, self.w_data, self.w_rdy = Signal(), Signal(width), Signal()
+        self.r_en, self.r_data, self.r_rdy = Signal(), Signal(width), Signal()
+        self.level = Signal(range(depth + 1))
+
+    def elaborate(self, platform):
+        m = Module()
+        entries = [Signal(self.width, name=f"entry{k}") for k in range(self.depth)]
+        do_write = Signal()
+        do_read = Signal()
+        m.d.comb += [
+            self.w_rdy.eq(self.level != self.depth),
+            self.r_rdy.eq(self.level != 0),
+            do_write.eq(self.w_en & self.w_rdy),
+            do_read.eq(self.r_en & self.r_rdy),
+            self.r_data.eq(entries[0]),
+        ]
+        at = Signal(range(self.depth + 1))  # where a write lands: behind the entries that stay
+        m.d.comb += at.eq(self.level - do_read)
+        for k, entry in enumerate(entries):
+            with m.If(do_write & (at == k)):
+                m.d.sync += entry.eq(self.w_data)
+            if k + 1 < self.depth:
+                with m.Elif(do_read):
+                    m.d.sync += entry.eq(entries[k + 1])
+        m.d.sync += self.level.eq(self.level + do_write - do_read)
+        return m
+
+
+class _BufferedFIFO(Elaboratable):
+    """A :class:`~amaranth.lib.fifo.SyncFIFOBuffered` (its ports ``w_en``, ``w_data``,
+    ``w_rdy``, ``r_en``, ``r_data``, ``r_rdy`` and their timing) whose entries are in a
+    :func:`_block_ram`: the inner queue never reads the entry it writes (it reads only entries
+    it holds, and writes only while not full).
+
+    With ``lanes`` above 1 an entry is written a lane (``w_data``, ``width // lanes`` bits,
+    the first lane lowest) per write into the block RAM itself, and enters the queue with its
+    last lane, as the whole entry would have then.
+    """
+
+    def __init__(self, *, width, depth, lanes=1):
+        if depth < 2:
+            raise ValueError(f"depth must be at least 2, not {depth}")
+        self.width, self.depth, self.lanes = width, depth, lanes
+        self.w_en, self.w_data, self.w_rdy = Signal(), Signal(width // lanes), Signal()
+        self.r_en, self.r_data, self.r_rdy = Signal(), Signal(width), Signal()
+
+    def elaborate(self, platform):
+        m = Module()
+        inner = self.depth - 1  # entries in the block RAM; the last is the output register
+        level = Signal(range(inner + 1))
+        produce = Signal(range(inner))
+        consume = Signal(range(inner))
+        lanes = self.lanes
+        write, read = _block_ram(m, "storage", shape=self.width, depth=inner,
+                                 granularity=self.width // lanes if lanes > 1 else None)
+        lane = Signal(range(max(lanes, 2)))  # the lane the next write fills
+        do_write = Signal()  # an entry's last lane is written
+        do_read = Signal()
+        written = self.w_en & self.w_rdy
+        m.d.comb += [
+            self.w_rdy.eq(level != inner),
+            do_write.eq(written & (lane == lanes - 1)),
+            do_read.eq((level != 0) & (~self.r_rdy | self.r_en)),
+            write.addr.eq(produce), write.data.eq(Cat(*[self.w_data] * lanes)),
+            write.en.eq(Mux(written, (Const(1, lanes) << lane)[:lanes], 0)),
+            read.addr.eq(consume), read.en.eq(do_read), self.r_data.eq(read.data),
+        ]
+        if lanes > 1:
+            with m.If(written):
+                m.d.sync += lane.eq(Mux(lane == lanes - 1, 0, lane + 1))
+        with m.If(do_write):
+            m.d.sync += produce.eq(Mux(produce == inner - 1, 0, produce + 1))
+        with m.If(do_read):
+            m.d.sync += [consume.eq(Mux(consume == inner - 1, 0, consume + 1)), self.r_rdy.eq(1)]
+        with m.Elif(self.r_en):
+            m.d.sync += self.r_rdy.eq(0)
+        m.d.sync += level.eq(level + do_write - do_read)
+        return m
 
 
 class _Job:
