@@ -44,7 +44,15 @@ from amaranth.lib.wiring import In, Out
 
 from ..golden.formats import HEADER_SIZE, IMAGE_ALIGN, ImageLayout
 from ..golden.image import MAGIC, VERSION, ImageErrorCode
-from .memory import PORT_WIDTHS, BurstArbiter, burst_read_signature, word_addr_width, written_signature
+from .memory import (
+    PORT_WIDTHS,
+    UNCHECKED,
+    BurstArbiter,
+    burst_read_signature,
+    registered_read_port,
+    word_addr_width,
+    written_signature,
+)
 from .params import reject
 
 __all__ = [
@@ -998,32 +1006,13 @@ class _Probes:
 
 
 def _block_ram(m, name, *, shape, depth, granularity=None):
-    """A memory for block RAM that no cycle both writes and reads one word: its write port and
-    a read port (``addr``, ``en``, ``data``) whose ``data`` is, from the cycle after one with
-    ``en``, the word that was at ``addr`` (an Amaranth synchronous read port's behaviour).
-
-    Yosys maps an Amaranth synchronous read port onto a block RAM whose result is undefined
-    when a word is written and read in one cycle (iCE40, ECP5) with a register per data bit
-    and a bypass multiplexer (it delays the write a cycle). Read here by a combinational port
-    and a register, which yosys merges into the block RAM's read register and, the memory
-    being ``no_rw_check``, without that logic.
-    """
-    mem = Memory(shape=shape, depth=depth, init=[], attrs={"no_rw_check": 1})
+    """A memory whose users never read a word in the cycle it is written: its write port and a
+    :func:`~moegen.rtl.memory.registered_read_port` (a synchronous read without the collision
+    logic yosys adds to one)."""
+    mem = Memory(shape=shape, depth=depth, init=[], attrs=UNCHECKED)
     m.submodules[name] = mem
     write = mem.write_port(granularity=granularity) if granularity else mem.write_port()
-    port = mem.read_port(domain="comb")
-    read = _ReadPort(port.addr, Signal(name=f"{name}_read_en"),
-                     Signal(shape, name=f"{name}_read_data", reset_less=True))
-    with m.If(read.en):
-        m.d.sync += read.data.eq(port.data)
-    return write, read
-
-
-class _ReadPort:
-    """The read port of :func:`_block_ram`."""
-
-    def __init__(self, addr, en, data):
-        self.addr, self.en, self.data = addr, en, data
+    return write, registered_read_port(m, mem, name=f"{name}_read")
 
 
 class _ShiftFIFO(Elaboratable):
