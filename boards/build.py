@@ -6,7 +6,7 @@ The flow is a list of named stages, each reported with its elapsed seconds:
 1. **elaborate**: the accelerator (``Accelerator(config, memory="bram")``, ``"spram"`` on iCE40 UltraPlus) in a
    :class:`~moegen.boards.top.BoardTop` on the board's amaranth-boards platform; writes the
    RTLIL, the stamped Verilog and the constraints.
-2. **synthesize**: YoWASP yosys (``synth_ecp5``, ``synth_ice40 -dsp``); the resources it
+2. **synthesize**: YoWASP yosys (``synth_ecp5``, ``synth_ice40 -dsp -dff``); the resources it
    maps are checked against the board's before place and route is tried.
 3. **place and route**: YoWASP nextpnr with ``--report``; utilization and Fmax per clock are
    read from that JSON report (``--freq`` is the config's clock, which nextpnr also derives

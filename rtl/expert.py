@@ -171,7 +171,7 @@ class ExpertEngine(wiring.Component):
         h_width = math.lcm(cols, n)
         h_entries = -(-max(self.ffn_tiles * cols, self.ffn_groups * n) // h_width)
         # Both in block RAM even when small: as flip-flops their lane write enables and read
-        # multiplexers cost more than a block (ice40-min: 2 x 32 and 8 x 8 bits, about 230
+        # multiplexers cost more than a block (the icebreaker preset: 2 x 32 and 8 x 8 bits, about 230
         # cells). No read meets a write to its entry (no_rw_check): a token tile is read once
         # all its tokens are in, h only in the down passes, after its last write.
         buffer = {"ram_style": "block", **UNCHECKED}

@@ -50,7 +50,7 @@ class Requantizer(wiring.Component):
 
     An accumulator of ``DSP_WIDTH + 1 .. DSP_WIDTH + LOGIC_ROWS`` bits is multiplied as its low
     ``DSP_WIDTH`` bits in multiplier tiles and its few high bits as shifted AND rows in logic:
-    two SB_MAC16 fewer on an iCE40 for about 55 LUTs a row (ice40-min: 3 rows).
+    two SB_MAC16 fewer on an iCE40 for about 55 LUTs a row (the icebreaker preset: 3 rows).
 
     Members
     -------

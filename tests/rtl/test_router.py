@@ -245,7 +245,7 @@ CI_SWEEP = [
     (5, 3, 2, "softmax_topk", (None, None, None)),
     (12, 8, 5, "sigmoid_bias_renorm", (None, None, None)),
     (6, 6, 6, "softmax_topk", (4, 0, 4)),
-    (2, 1, 1, "softmax_topk_renorm", (8, 4, 8)),  # ice40-min's router: the weight is a constant
+    (2, 1, 1, "softmax_topk_renorm", (8, 4, 8)),  # the icebreaker preset's router: the weight is a constant
 ]
 SLOW_SWEEP = [
     (256, 8, 16, "sigmoid_bias_renorm", (None, None, None)),  # DeepSeek-V3

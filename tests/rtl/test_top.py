@@ -1,5 +1,4 @@
 import dataclasses
-from pathlib import Path
 
 import pytest
 from amaranth import Elaboratable, Module, Signal
@@ -102,10 +101,10 @@ def test_processor_matches_the_device_model_on_tiny(errors, counters):
 
 
 @pytest.mark.parametrize("errors", [False, True], ids=["clean", "error-stops-queue"])
-def test_processor_matches_the_device_model_on_ice40_min(errors):
+def test_processor_matches_the_device_model_on_the_icebreaker_preset(errors):
     """One token at most, one layer, two experts, k_max 1, a 16-bit port (in 16 KiB: the
     workload's images and buffers do not fit the board's 4 KiB)."""
-    config = load_config(Path(__file__).parents[2] / "configs" / "ice40-min.yaml")
+    config = load_config("icebreaker")
     config = dataclasses.replace(config, memory=dataclasses.replace(config.memory, size_bytes=16384))
     work = Workload(config, seed=4, errors=errors)
     state = _simulate(config, work.writes, work.commands, read_bytes=work.end)
