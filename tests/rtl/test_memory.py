@@ -28,6 +28,16 @@ def _pattern(word, width):
     return (word * 0x9E3779B97F4A7C15 + 0x1234567) % (1 << width)
 
 
+async def _offer(ctx, dut, requests):
+    """Offer burst ``requests`` (addr, beats) on ``dut.read.req`` back to back."""
+    for addr, n in requests:
+        ctx.set(dut.read.req.payload.addr, addr)
+        ctx.set(dut.read.req.payload.beats, n)
+        ctx.set(dut.read.req.valid, 1)
+        await ctx.tick().until(dut.read.req.ready)
+    ctx.set(dut.read.req.valid, 0)
+
+
 def _run_memory(dut, requests, *, words=64, stall=0.0, seed=0, cycles=3000):
     """Write ``words`` pattern words, then offer ``requests`` (addr, beats) back to back;
     returns (accepted cycle per request, [(cycle, word)] of the data, written notices)."""
@@ -44,12 +54,7 @@ def _run_memory(dut, requests, *, words=64, stall=0.0, seed=0, cycles=3000):
             assert ready
             notices.append(addr if valid else None)
         ctx.set(dut.write.valid, 0)
-        for addr, n in requests:
-            ctx.set(dut.read.req.payload.addr, addr)
-            ctx.set(dut.read.req.payload.beats, n)
-            ctx.set(dut.read.req.valid, 1)
-            await ctx.tick().until(dut.read.req.ready)
-        ctx.set(dut.read.req.valid, 0)
+        await _offer(ctx, dut, requests)
 
     async def reader(ctx):
         # one process observes both ports, so acceptance and word cycles share a clock count
@@ -286,12 +291,7 @@ def test_spram_memory_reads_wait_for_writes_and_stalled_words_survive_them():
 
     async def requester(ctx):
         await ctx.tick().repeat(130)
-        for addr, n in requests:
-            ctx.set(dut.read.req.payload.addr, addr)
-            ctx.set(dut.read.req.payload.beats, n)
-            ctx.set(dut.read.req.valid, 1)
-            await ctx.tick().until(dut.read.req.ready)
-        ctx.set(dut.read.req.valid, 0)
+        await _offer(ctx, dut, requests)
 
     async def reader(ctx):
         held = None
