@@ -281,33 +281,32 @@ def tokens_per_second(config, ks, batch=1):
 #: ``moegen bitstream --board ulx3s-85f --stop-after synthesize``, yosys 0.69 ``synth_ecp5``;
 #: counted as ``moegen.boards.synth`` counts): the points :func:`resources` is fitted to. Each is
 #: ``(overrides of the default config, {luts, ffs, dsps, brams})``, all re-measured at commit
-#: 9028bf5 (2026-11-25: the requantizer in out_width + 1 bits, the image checker without its
-#: header register, the register file's registered read address) by :func:`synthesize_points`
-#: (``python -c "from moegen.hls.model import synthesize_points; print(synthesize_points())"``,
-#: 8 minutes for the five beside a ULX3S build).
+#: 1a04a7c (2026-11-25: after the area work that fit the accelerator into the iCE40UP5K) by
+#: :func:`synthesize_points` (``python -c "from moegen.hls.model import synthesize_points;
+#: print(synthesize_points())"``, about 6 minutes for the five in two processes on 2 cores).
 ECP5_POINTS = (
     # configs/tiny.yaml
     ({"router": {"experts": 4, "lanes": 4}, "array": {"rows": 2, "cols": 2},
       "loader": {"bank_bytes": 256}, "memory": {"port_width": 32, "burst_len": 4, "size_bytes": 65536},
       "model": {"hidden": 16, "ffn": 32, "max_tokens": 4, "layers": 2}},
-     {"luts": 13353, "ffs": 6223, "dsps": 29, "brams": 38}),
+     {"luts": 11303, "ffs": 5499, "dsps": 25, "brams": 43}),
     # the first ulx3s-85f preset with a 4x8 array and 32 tokens
     ({"router": {"experts": 16, "lanes": 16}, "array": {"rows": 4}, "loader": {"bank_bytes": 4096},
       "memory": {"size_bytes": 262144}, "model": {"hidden": 256, "ffn": 512, "max_tokens": 32}},
-     {"luts": 27200, "ffs": 12722, "dsps": 139, "brams": 201}),
+     {"luts": 21099, "ffs": 11093, "dsps": 139, "brams": 203}),
     # the same with an 8x8 array and 64 tokens
     ({"router": {"experts": 16, "lanes": 16}, "loader": {"bank_bytes": 4096},
       "memory": {"size_bytes": 262144}, "model": {"hidden": 256, "ffn": 512, "max_tokens": 64}},
-     {"luts": 31901, "ffs": 16285, "dsps": 203, "brams": 230}),
+     {"luts": 24438, "ffs": 14283, "dsps": 203, "brams": 232}),
     # demo shapes, 4x4 2:4
     ({"array": {"rows": 4, "cols": 4}, "loader": {"bank_bytes": 4096},
       "memory": {"size_bytes": 131072}, "model": {"max_tokens": 32}},
-     {"luts": 19121, "ffs": 8896, "dsps": 71, "brams": 109}),
+     {"luts": 14542, "ffs": 7624, "dsps": 71, "brams": 111}),
     # demo shapes, 8x8 dense, 4 banks, 4 router lanes; when it first joined the fit, the four points
     # above predicted it within -16.8% (LUTs), -2.6% (FFs), 0 (DSPs), +8.3% (BRAM)
     ({"router": {"lanes": 4}, "array": {"m": 4, "n": 4}, "loader": {"banks": 4},
       "memory": {"size_bytes": 262144}},
-     {"luts": 33798, "ffs": 18584, "dsps": 331, "brams": 254}),
+     {"luts": 25665, "ffs": 16695, "dsps": 331, "brams": 256}),
 )
 
 
@@ -410,13 +409,25 @@ def _memory_brams(config):
 _FITS = None
 
 
+def _narrow_results(config):
+    """The engine's results fit the requantizer's multiplier tiles and logic rows (half its
+    multipliers)."""
+    from ..rtl.expert import result_width
+    from ..rtl.requant import DSP_WIDTH, LOGIC_ROWS
+
+    a, model = config.array, config.model
+    products = max(-(-model.hidden // a.n), -(-model.ffn // a.n)) * a.m
+    return result_width(a.act_width, a.weight_width, products, a.acc_width) <= DSP_WIDTH + LOGIC_ROWS
+
+
 def resources(config, family="ecp5"):
     """Modeled resources of ``Accelerator(config, memory="bram")`` on ``family``:
     ``{"luts", "ffs", "dsps", "brams"}``.
 
     * DSPs: one 18x18 multiplier per array multiplier (``rows * cols * m``) plus ``9 * cols + 3``
-      (epilogue requantizers, the accumulator's weight multipliers, the router's exps): exact
-      on every point of :data:`ECP5_POINTS`.
+      (epilogue requantizers, the accumulator's weight multipliers, the router's exps), two fewer
+      per column where the engine's results are narrow enough for the requantizer's logic rows
+      (:data:`~moegen.rtl.requant.LOGIC_ROWS`): exact on every point of :data:`ECP5_POINTS`.
     * Block RAM: the device memory (``size_bytes / 2 KiB``) plus a least-squares fit on the
       engine and accumulator buffers and the loader banks.
     * LUTs and FFs: least squares over :data:`ECP5_POINTS` on a constant (link, loader, command
@@ -434,5 +445,5 @@ def resources(config, family="ecp5"):
         return max(0, round(sum(c * x for c, x in zip(_FITS[kind], f[group], strict=True))))
 
     return {"luts": fitted("luts", "logic"), "ffs": fitted("ffs", "logic"),
-            "dsps": a.rows * a.cols * a.m + 9 * a.cols + 3,
+            "dsps": a.rows * a.cols * a.m + (9 - 2 * _narrow_results(config)) * a.cols + 3,
             "brams": _memory_brams(config) + fitted("brams", "brams")}

@@ -69,6 +69,14 @@ def activation_words(x_q, tok_mult, tok_shift):
     return np.frombuffer(activation_bytes(x_q, tok_mult, tok_shift), "<u4").tolist()
 
 
+def result_width(act_width, weight_width, products, acc_width):
+    """Bits of the engine's array results and epilogue input: those any sum of ``products``
+    int products takes, whatever the values (-2**(w-1) included); the array and the epilogue
+    need no more, the config's ``acc_width`` rule allows more."""
+    exact = ((1 << (act_width + weight_width - 2)) * products).bit_length() + 1
+    return max(8, min(acc_width, exact))
+
+
 class ExpertEngine(wiring.Component):
     """Runs an int8 SwiGLU expert for ``T`` tokens on a :class:`SparseSystolicArray` and an
     :class:`~moegen.rtl.epilogue.Epilogue`, bit-exact with
@@ -132,10 +140,7 @@ class ExpertEngine(wiring.Component):
         if acc_width < need:
             reject(self, f"acc_width must be in {need}..32 to hold {products} products of {act_width}x{weight_width} "
                          f"bits, not {acc_width}")
-        # The bits any sum of `products` int products takes, whatever the values (-2**(w-1)
-        # included): the array and the epilogue need no more, the config's rule allows more.
-        exact = ((1 << (act_width + weight_width - 2)) * products).bit_length() + 1
-        self.result_width = max(8, min(acc_width, exact))
+        self.result_width = result_width(act_width, weight_width, products, acc_width)
         self.ffn_tiles = -(-ffn // cols)
         self.hidden_tiles = -(-hidden // cols)
         self.step_bits = step_bits(cols, m, n, weight_width)

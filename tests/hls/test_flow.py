@@ -172,12 +172,12 @@ def test_from_without_earlier_results(tiny_model, tmp_path):
 def test_budget_nothing_fits_names_the_resource(compiled, tmp_path, monkeypatch):
     ulx3s = BOARDS["ulx3s-85f"]
     monkeypatch.setitem(BOARDS, "small-ecp5", BoardSpec("small-ecp5", "ecp5", "LFE5U-12F", "CABGA256", 12_000, 12_000,
-                                                        28, 32 * 18_432, 0, 25.0, "yowasp", ulx3s.platform,
+                                                        8, 32 * 18_432, 0, 25.0, "yowasp", ulx3s.platform,
                                                         ulx3s.reset))
     out = tmp_path / "out"
     shutil.copytree(compiled, out)
     shutil.rmtree(out / "size-hardware")
-    with pytest.raises(UserError, match=r"nothing fits board small-ecp5: .* needs \d+ DSPs of 28 \(over by \d+\)"):
+    with pytest.raises(UserError, match=r"nothing fits board small-ecp5: .* needs \d+ DSPs of 8 \(over by \d+\)"):
         compile_model(_options(compiled, out, "small-ecp5"), start="size-hardware", progress=lambda line: None)
     assert not (out / "size-hardware").exists()
     assert not list(out.glob(".*.partial"))
