@@ -47,6 +47,7 @@ from ..golden.image import MAGIC, VERSION, ImageErrorCode
 from .memory import (
     PORT_WIDTHS,
     UNCHECKED,
+    BlockFIFO,
     BurstArbiter,
     burst_read_signature,
     registered_read_port,
@@ -535,8 +536,8 @@ class TileStreamer(wiring.Component):
         params_depth = sum(g.segment_entries)  # one image's params and table words
         # one spare entry: the buffered FIFO refuses a write while its output register refills
         per_entry = g.entry_bytes // P  # port words per params FIFO entry (a narrow port's 32-bit words)
-        m.submodules.param_fifo = param_fifo = _BufferedFIFO(width=8 * g.entry_bytes, depth=params_depth + 1,
-                                                             lanes=per_entry)
+        m.submodules.param_fifo = param_fifo = BlockFIFO(width=8 * g.entry_bytes, depth=params_depth + 1,
+                                                         lanes=per_entry)
         capacity = params_depth * per_entry
         param_credit = Signal(range(capacity + 1), init=capacity)  # port words the FIFO can still take
 
@@ -1050,58 +1051,6 @@ class _ShiftFIFO(Elaboratable):
                 with m.Elif(do_read):
                     m.d.sync += entry.eq(entries[k + 1])
         m.d.sync += self.level.eq(self.level + do_write - do_read)
-        return m
-
-
-class _BufferedFIFO(Elaboratable):
-    """A :class:`~amaranth.lib.fifo.SyncFIFOBuffered` (its ports ``w_en``, ``w_data``,
-    ``w_rdy``, ``r_en``, ``r_data``, ``r_rdy`` and their timing) whose entries are in a
-    :func:`_block_ram`: the inner queue never reads the entry it writes (it reads only entries
-    it holds, and writes only while not full).
-
-    With ``lanes`` above 1 an entry is written a lane (``w_data``, ``width // lanes`` bits,
-    the first lane lowest) per write into the block RAM itself, and enters the queue with its
-    last lane, as the whole entry would have then.
-    """
-
-    def __init__(self, *, width, depth, lanes=1):
-        if depth < 2:
-            raise ValueError(f"depth must be at least 2, not {depth}")
-        self.width, self.depth, self.lanes = width, depth, lanes
-        self.w_en, self.w_data, self.w_rdy = Signal(), Signal(width // lanes), Signal()
-        self.r_en, self.r_data, self.r_rdy = Signal(), Signal(width), Signal()
-
-    def elaborate(self, platform):
-        m = Module()
-        inner = self.depth - 1  # entries in the block RAM; the last is the output register
-        level = Signal(range(inner + 1))
-        produce = Signal(range(inner))
-        consume = Signal(range(inner))
-        lanes = self.lanes
-        write, read = _block_ram(m, "storage", shape=self.width, depth=inner,
-                                 granularity=self.width // lanes if lanes > 1 else None)
-        lane = Signal(range(max(lanes, 2)))  # the lane the next write fills
-        do_write = Signal()  # an entry's last lane is written
-        do_read = Signal()
-        written = self.w_en & self.w_rdy
-        m.d.comb += [
-            self.w_rdy.eq(level != inner),
-            do_write.eq(written & (lane == lanes - 1)),
-            do_read.eq((level != 0) & (~self.r_rdy | self.r_en)),
-            write.addr.eq(produce), write.data.eq(Cat(*[self.w_data] * lanes)),
-            write.en.eq(Mux(written, (Const(1, lanes) << lane)[:lanes], 0)),
-            read.addr.eq(consume), read.en.eq(do_read), self.r_data.eq(read.data),
-        ]
-        if lanes > 1:
-            with m.If(written):
-                m.d.sync += lane.eq(Mux(lane == lanes - 1, 0, lane + 1))
-        with m.If(do_write):
-            m.d.sync += produce.eq(Mux(produce == inner - 1, 0, produce + 1))
-        with m.If(do_read):
-            m.d.sync += [consume.eq(Mux(consume == inner - 1, 0, consume + 1)), self.r_rdy.eq(1)]
-        with m.Elif(self.r_en):
-            m.d.sync += self.r_rdy.eq(0)
-        m.d.sync += level.eq(level + do_write - do_read)
         return m
 
 

@@ -16,7 +16,7 @@ a word write port (``write``) for the host, and report every accepted write on `
 from fractions import Fraction
 from types import SimpleNamespace
 
-from amaranth import Array, Cat, ClockSignal, Instance, Module, Mux, Signal, unsigned
+from amaranth import Array, Cat, ClockSignal, Const, Instance, Module, Mux, Signal, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.fifo import SyncFIFO, SyncFIFOBuffered
 from amaranth.lib.memory import Memory
@@ -82,14 +82,25 @@ class BlockFIFO(SyncFIFOBuffered):
 
     ``block``: keep the storage in block RAM however small (yosys builds a few words from
     flip-flops and multiplexers, which on iCE40 cost more logic cells than a spare block RAM).
+
+    ``lanes`` above 1: an entry is written a lane (``w_data``, ``width // lanes`` bits, the
+    first lane lowest) per write into the block RAM itself, and enters the queue with its last
+    lane, as the whole entry would have then (a narrow producer needs no gathering register).
     """
 
-    def __init__(self, *, width, depth, block=False):
+    def __init__(self, *, width, depth, block=False, lanes=1):
         super().__init__(width=width, depth=depth)
+        if lanes > 1 and (depth < 2 or width % lanes):
+            raise ValueError(f"lanes {lanes} need a depth of at least 2 and a width they divide, not "
+                             f"depth {depth} and width {width}")
         self.block = block
+        self.lanes = lanes
+        if lanes > 1:
+            self.w_data = Signal(width // lanes)
 
     def elaborate(self, platform):
-        if self.depth <= 1 or platform == "formal":
+        lanes = self.lanes
+        if lanes == 1 and (self.depth <= 1 or platform == "formal"):
             return super().elaborate(platform)
         m = Module()
         inner_depth = self.depth - 1
@@ -100,19 +111,25 @@ class BlockFIFO(SyncFIFOBuffered):
             self.w_level.eq(self.level),
             self.r_level.eq(self.level),
         ]
-        do_write = self.w_rdy & self.w_en
+        written = self.w_rdy & self.w_en
+        lane = Signal(range(max(lanes, 2)))  # the lane the next write fills
+        do_write = written & (lane == lanes - 1)  # an entry's last lane is written
         do_inner_read = (inner_level != 0) & (~self.r_rdy | self.r_en)
 
         attrs = {**UNCHECKED, "ram_style": "block"} if self.block else UNCHECKED
         m.submodules.storage = storage = Memory(shape=self.width, depth=inner_depth, init=[], attrs=attrs)
-        write = storage.write_port()
+        write = storage.write_port(granularity=self.width // lanes) if lanes > 1 else storage.write_port()
         read = registered_read_port(m, storage)
         produce = Signal(range(inner_depth))
         consume = Signal(range(inner_depth))
         m.d.comb += [
-            write.addr.eq(produce), write.data.eq(self.w_data), write.en.eq(do_write),
+            write.addr.eq(produce), write.data.eq(Cat(*[self.w_data] * lanes)),
+            write.en.eq(Mux(written, (Const(1, lanes) << lane)[:lanes], 0) if lanes > 1 else do_write),
             read.addr.eq(consume), read.en.eq(do_inner_read), self.r_data.eq(read.data),
         ]
+        if lanes > 1:
+            with m.If(written):
+                m.d.sync += lane.eq(Mux(lane == lanes - 1, 0, lane + 1))
 
         def advance(pointer):
             if inner_depth == 1 << len(pointer):
