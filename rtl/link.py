@@ -28,16 +28,14 @@ response's last byte has left):
 
 from amaranth import Cat, Const, Module, Mux, Signal, unsigned
 from amaranth.lib import crc, data, stream, wiring
-from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from ..golden.link import CRC_BYTES, REQUEST_HEADER, RESPONSE_HEADER, SYNC_REQUEST, SYNC_RESPONSE, Opcode, Status
 from .memory import (
-    UNCHECKED,
     BlockFIFO,
     burst_read_signature,
     check_port_width,
-    registered_read_port,
+    unchecked_ram,
     word_addr_width,
     write_layout,
 )
@@ -203,9 +201,7 @@ class LinkEndpoint(wiring.Component):
             return (nbytes[:len(count)] - 1)[:len(count)]
 
         # the payload: written while a frame arrives, read while it is executed
-        m.submodules.buffer = buffer = Memory(shape=8 * B, depth=self.max_payload // B, init=[], attrs=UNCHECKED)
-        buffer_write = buffer.write_port(granularity=8)
-        buffer_read = registered_read_port(m, buffer)
+        buffer_write, buffer_read = unchecked_ram(m, "buffer", shape=8 * B, depth=self.max_payload // B, granularity=8)
         m.d.comb += [
             buffer_write.addr.eq(count >> (B - 1).bit_length()),
             buffer_write.data.eq(Cat(byte for _ in range(B))),
@@ -237,28 +233,30 @@ class LinkEndpoint(wiring.Component):
         # The checks in the model's order: past the BAD_LENGTH of an oversize request the
         # length is at most max_payload, and the later checks compare only its low bits (a
         # memory range check adds them to the address's low bits, which reach the size).
+        # Registered, for DECIDE: the header is whole in CHECK, the cycle before, and the
+        # queue's free space shrinks only by this endpoint's own submits.
         decided = Signal(8)
         word_length_bad = (length[:2] != 0) | (length == 0)
         short_length = length[:self.max_payload.bit_length()]
         mem_bits = self.mem_bytes.bit_length()
         beyond_memory = address[mem_bits:].any() | (address[:mem_bits] + short_length > self.mem_bytes)
         with m.If(opcode > max(Opcode)):
-            m.d.comb += decided.eq(Status.BAD_OPCODE)
+            m.d.sync += decided.eq(Status.BAD_OPCODE)
         with m.Elif(length > self.max_payload):
-            m.d.comb += decided.eq(Status.BAD_LENGTH)
+            m.d.sync += decided.eq(Status.BAD_LENGTH)
         with m.Elif((is_csr | is_submit) & word_length_bad):
-            m.d.comb += decided.eq(Status.BAD_LENGTH)
+            m.d.sync += decided.eq(Status.BAD_LENGTH)
         with m.Elif(is_csr & (address[:2] != 0)):
-            m.d.comb += decided.eq(Status.BAD_ADDRESS)
+            m.d.sync += decided.eq(Status.BAD_ADDRESS)
         with m.Elif(is_mem & (length[:port_shift] != 0 if port_shift else 0)):
-            m.d.comb += decided.eq(Status.BAD_LENGTH)
+            m.d.sync += decided.eq(Status.BAD_LENGTH)
         with m.Elif(is_mem & ((address[:port_shift] != 0 if port_shift else 0)
                               | beyond_memory)):
-            m.d.comb += decided.eq(Status.BAD_ADDRESS)
+            m.d.sync += decided.eq(Status.BAD_ADDRESS)
         with m.Elif(is_submit & (short_length[2:] > self.submit_space)):
-            m.d.comb += decided.eq(Status.QUEUE_FULL)
+            m.d.sync += decided.eq(Status.QUEUE_FULL)
         with m.Else():
-            m.d.comb += decided.eq(Status.OK)
+            m.d.sync += decided.eq(Status.OK)
 
         def remember(final_status):
             m.d.sync += [status.eq(final_status), last.valid.eq(seq != 0), last.seq.eq(seq),
@@ -274,6 +272,8 @@ class LinkEndpoint(wiring.Component):
         csr_word = Signal(max(csr_bits, len(csr_index)) + 1)
         m.d.comb += [csr_word.eq(csr_base[:csr_bits] + csr_index), self.csr.addr.eq(csr_word)]
         csr_in_range = ~csr_word[csr_bits:].any() & ~csr_base[csr_bits:].any()
+        csr_decoded = Signal()  # CSR_CHECK: csr_ok holds the check of word ``item``
+        csr_ok = Signal()
 
         # ---- write pipeline: buffer word read (one cycle), then the item to its sink
         stage_valid = Signal()
@@ -306,8 +306,12 @@ class LinkEndpoint(wiring.Component):
                      & (reserved <= self.fifo_depth - beats))
         csr_returning = Signal()
         pop = Signal()
+        # the next burst's beats, a cycle behind ``items`` and ``fetched``: the fetch starts
+        # after the response header's first byte (DECIDE set both before), and ``fetched``
+        # moves by a burst only when one is issued, the next issue waiting at least a cycle for
+        # request_valid to fall
+        m.d.sync += beats.eq(Mux(items - fetched < self.fetch_beats, items - fetched, self.fetch_beats))
         m.d.comb += [
-            beats.eq(Mux(items - fetched < self.fetch_beats, items - fetched, self.fetch_beats)),
             self.csr.r_stb.eq(issue_csr),
             self.mem_read.req.valid.eq(request_valid),
             self.mem_read.data.ready.eq(1),
@@ -395,7 +399,7 @@ class LinkEndpoint(wiring.Component):
             with m.State("DECIDE"):
                 retry = last.valid & (last.seq == seq) & (last.opcode == opcode) & writes(opcode)
                 m.d.sync += [replay.eq(retry), items.eq(Mux(is_mem, length >> port_shift, length[2:])),
-                             item.eq(0), fetched.eq(0), count.eq(0), entry_byte.eq(0)]
+                             item.eq(0), fetched.eq(0), count.eq(0), entry_byte.eq(0), csr_decoded.eq(0)]
                 with m.If(retry):
                     m.d.sync += status.eq(last.status)
                     m.next = "SEND_HEADER"
@@ -409,18 +413,20 @@ class LinkEndpoint(wiring.Component):
                         m.next = "SEND_HEADER"
 
             with m.State("CSR_CHECK"):
+                # two cycles a word: its address decoded into a register, then the verdict
                 m.d.comb += csr_index.eq(item)
-                with m.If(~self.csr.mapped | ~csr_in_range):
+                m.d.sync += [csr_ok.eq(self.csr.mapped & csr_in_range), csr_decoded.eq(~csr_decoded)]
+                with m.If(csr_decoded & ~csr_ok):
                     remember(Status.BAD_ADDRESS)
                     m.next = "SEND_HEADER"
-                with m.Elif(item == items - 1):
+                with m.Elif(csr_decoded & (item == items - 1)):
                     remember(Status.OK)
                     m.d.sync += item.eq(0)
                     with m.If(opcode == Opcode.WRITE_CSR):
                         m.next = "WRITE"
                     with m.Else():
                         m.next = "SEND_HEADER"
-                with m.Else():
+                with m.Elif(csr_decoded):
                     m.d.sync += item.eq(item + 1)
 
             with m.State("WRITE"):
@@ -442,7 +448,7 @@ class LinkEndpoint(wiring.Component):
                 m.d.comb += [
                     self.tx.valid.eq(1),
                     self.tx.payload.eq(response_header.word_select(count[:3], 8)),
-                    fetching.eq(reads),
+                    fetching.eq(reads & (count != 0)),
                     csr_index.eq(fetched),
                     sending.eq(1),
                     frame_crc.start.eq(sent & (count == 0)),

@@ -37,20 +37,19 @@ first banks load while the current expert's tiles are still being consumed.
 
 import struct
 
-from amaranth import Array, Cat, Const, Elaboratable, Module, Mux, Signal, unsigned
+from amaranth import Array, Cat, Const, Module, Mux, Signal, unsigned
 from amaranth.lib import crc, data, stream, wiring
-from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from ..golden.formats import HEADER_SIZE, IMAGE_ALIGN, ImageLayout
 from ..golden.image import MAGIC, VERSION, ImageErrorCode
 from .memory import (
     PORT_WIDTHS,
-    UNCHECKED,
     BlockFIFO,
     BurstArbiter,
+    ShiftFIFO,
     burst_read_signature,
-    registered_read_port,
+    unchecked_ram,
     word_addr_width,
     written_signature,
 )
@@ -529,7 +528,7 @@ class TileStreamer(wiring.Component):
         # ---- descriptors to the emitter, params FIFO
         desc_layout = data.StructLayout({"code": unsigned(CODE_WIDTH), "expert": unsigned(EXPERT_WIDTH),
                                          "tokens": unsigned(g.tokens_width)})
-        m.submodules.images = images = _ShiftFIFO(width=desc_layout.size, depth=4)
+        m.submodules.images = images = ShiftFIFO(width=desc_layout.size, depth=4)
         desc_in = data.View(desc_layout, images.w_data)
         desc_out = data.View(desc_layout, images.r_data)
 
@@ -548,7 +547,7 @@ class TileStreamer(wiring.Component):
         for b in range(B):
             pair = []
             for parity in ("even", "odd"):
-                pair.append(_block_ram(m, f"bank{b}_{parity}", shape=word_bits, depth=half_depth, granularity=8 * P))
+                pair.append(unchecked_ram(m, f"bank{b}_{parity}", shape=word_bits, depth=half_depth, granularity=8 * P))
             halves.append(pair)
         bank_state = probes.bank_state
         state_of = Array(bank_state)
@@ -563,7 +562,7 @@ class TileStreamer(wiring.Component):
             "beats": unsigned(g.burst_len.bit_length()),
         })
         # one spare entry: a burst may be accepted in the cycle the oldest one completes
-        m.submodules.tags = tags = _ShiftFIFO(width=tag_layout.size, depth=g.outstanding + 1)
+        m.submodules.tags = tags = ShiftFIFO(width=tag_layout.size, depth=g.outstanding + 1)
         tag = data.View(tag_layout, tags.r_data)
         offered = Signal(tag_layout)  # routing of the burst on offer
         req = self.mem.req
@@ -728,7 +727,7 @@ class TileStreamer(wiring.Component):
         m.d.sync += param_credit.eq(param_credit - Mux(present & (job.dest == _Dest.PARAMS), size, 0)
                                     + Mux(param_pop, per_entry, 0))
 
-        m.submodules.records = records = _ShiftFIFO(width=g.step_bits, depth=3)
+        m.submodules.records = records = ShiftFIFO(width=g.step_bits, depth=3)
         m.d.comb += [
             self.weights.valid.eq(records.r_rdy),
             self.weights.payload.eq(records.r_data),
@@ -944,7 +943,7 @@ class ExpertLoader(wiring.Component):
         # queued commands: what the checker keeps of them (block address, expert id, tokens)
         queued = data.StructLayout({"block": unsigned(g.addr_width - 6), "expert": unsigned(EXPERT_WIDTH),
                                     "tokens": unsigned(g.tokens_width)})
-        m.submodules.commands = commands = _ShiftFIFO(width=queued.size, depth=2)
+        m.submodules.commands = commands = ShiftFIFO(width=queued.size, depth=2)
         head = data.View(queued, commands.r_data)
         m.submodules.checker = checker = self.checker
         m.submodules.streamer = streamer = self.streamer
@@ -1004,54 +1003,6 @@ class _Probes:
         self.bank_written = [Signal(name=f"bank{b}_written") for b in range(banks)]
         self.bank_read = [Signal(name=f"bank{b}_read") for b in range(banks)]
         self.overflow = Signal(name="overflow")
-
-
-def _block_ram(m, name, *, shape, depth, granularity=None):
-    """A memory whose users never read a word in the cycle it is written: its write port and a
-    :func:`~moegen.rtl.memory.registered_read_port` (a synchronous read without the collision
-    logic yosys adds to one)."""
-    mem = Memory(shape=shape, depth=depth, init=[], attrs=UNCHECKED)
-    m.submodules[name] = mem
-    write = mem.write_port(granularity=granularity) if granularity else mem.write_port()
-    return write, registered_read_port(m, mem, name=f"{name}_read")
-
-
-class _ShiftFIFO(Elaboratable):
-    """A :class:`~amaranth.lib.fifo.SyncFIFO` (its ports ``w_en``, ``w_data``, ``w_rdy``,
-    ``r_en``, ``r_data``, ``r_rdy`` and ``level``, and their timing) in registers that shift
-    towards the head: ``r_data`` is the first register (no read multiplexer), and a register
-    loads ``w_data`` or the next one through a LUT that packs with it."""
-
-    def __init__(self, *, width, depth):
-        if depth < 1:
-            raise ValueError(f"depth must be at least 1, not {depth}")
-        self.width, self.depth = width, depth
-        self.w_en, self.w_data, self.w_rdy = Signal(), Signal(width), Signal()
-        self.r_en, self.r_data, self.r_rdy = Signal(), Signal(width), Signal()
-        self.level = Signal(range(depth + 1))
-
-    def elaborate(self, platform):
-        m = Module()
-        entries = [Signal(self.width, name=f"entry{k}") for k in range(self.depth)]
-        do_write = Signal()
-        do_read = Signal()
-        m.d.comb += [
-            self.w_rdy.eq(self.level != self.depth),
-            self.r_rdy.eq(self.level != 0),
-            do_write.eq(self.w_en & self.w_rdy),
-            do_read.eq(self.r_en & self.r_rdy),
-            self.r_data.eq(entries[0]),
-        ]
-        at = Signal(range(self.depth + 1))  # where a write lands: behind the entries that stay
-        m.d.comb += at.eq(self.level - do_read)
-        for k, entry in enumerate(entries):
-            with m.If(do_write & (at == k)):
-                m.d.sync += entry.eq(self.w_data)
-            if k + 1 < self.depth:
-                with m.Elif(do_read):
-                    m.d.sync += entry.eq(entries[k + 1])
-        m.d.sync += self.level.eq(self.level + do_write - do_read)
-        return m
 
 
 class _Job:

@@ -16,7 +16,7 @@ a word write port (``write``) for the host, and report every accepted write on `
 from fractions import Fraction
 from types import SimpleNamespace
 
-from amaranth import Array, Cat, ClockSignal, Const, Instance, Module, Mux, Signal, unsigned
+from amaranth import Array, Cat, ClockSignal, Const, Elaboratable, Instance, Module, Mux, Signal, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.fifo import SyncFIFO, SyncFIFOBuffered
 from amaranth.lib.memory import Memory
@@ -33,11 +33,13 @@ __all__ = [
     "BlockRAMMemory",
     "BurstArbiter",
     "SPRAMMemory",
+    "ShiftFIFO",
     "SimulatedMemory",
     "SinglePortRAM",
     "burst_read_signature",
     "check_port_width",
     "registered_read_port",
+    "unchecked_ram",
     "word_addr_width",
     "write_layout",
     "written_signature",
@@ -72,6 +74,53 @@ def registered_read_port(m, memory, name=None):
     with m.If(en):
         m.d.sync += value.eq(port.data)
     return SimpleNamespace(addr=port.addr, en=en, data=value)
+
+
+def unchecked_ram(m, name, *, shape, depth, granularity=None):
+    """A memory (submodule ``name``) whose users never use a word read in the cycle it is
+    written: its write port and a :func:`registered_read_port`."""
+    mem = Memory(shape=shape, depth=depth, init=[], attrs=UNCHECKED)
+    m.submodules[name] = mem
+    write = mem.write_port(granularity=granularity) if granularity else mem.write_port()
+    return write, registered_read_port(m, mem, name=f"{name}_read")
+
+
+class ShiftFIFO(Elaboratable):
+    """A :class:`~amaranth.lib.fifo.SyncFIFO` (its ports ``w_en``, ``w_data``, ``w_rdy``,
+    ``r_en``, ``r_data``, ``r_rdy`` and ``level``, and their timing) in registers that shift
+    towards the head: ``r_data`` is the first register (no read multiplexer), and a register
+    loads ``w_data`` or the next one through a LUT that packs with it."""
+
+    def __init__(self, *, width, depth):
+        if depth < 1:
+            raise ValueError(f"depth must be at least 1, not {depth}")
+        self.width, self.depth = width, depth
+        self.w_en, self.w_data, self.w_rdy = Signal(), Signal(width), Signal()
+        self.r_en, self.r_data, self.r_rdy = Signal(), Signal(width), Signal()
+        self.level = Signal(range(depth + 1))
+
+    def elaborate(self, platform):
+        m = Module()
+        entries = [Signal(self.width, name=f"entry{k}") for k in range(self.depth)]
+        do_write = Signal()
+        do_read = Signal()
+        m.d.comb += [
+            self.w_rdy.eq(self.level != self.depth),
+            self.r_rdy.eq(self.level != 0),
+            do_write.eq(self.w_en & self.w_rdy),
+            do_read.eq(self.r_en & self.r_rdy),
+            self.r_data.eq(entries[0]),
+        ]
+        at = Signal(range(self.depth + 1))  # where a write lands: behind the entries that stay
+        m.d.comb += at.eq(self.level - do_read)
+        for k, entry in enumerate(entries):
+            with m.If(do_write & (at == k)):
+                m.d.sync += entry.eq(self.w_data)
+            if k + 1 < self.depth:
+                with m.Elif(do_read):
+                    m.d.sync += entry.eq(entries[k + 1])
+        m.d.sync += self.level.eq(self.level + do_write - do_read)
+        return m
 
 
 class BlockFIFO(SyncFIFOBuffered):
@@ -576,9 +625,11 @@ class BurstArbiter(wiring.Component):
     """Shares one burst read port among ``clients`` requesters, lower index first.
 
     A request is passed through in the cycle it is offered (no added latency) when the port
-    has fewer than ``outstanding`` bursts in flight, counting one that completes in that
-    cycle; while a passed request waits for ``mem.req.ready`` the grant is held, so the port
-    keeps the stream rules. Words return to the client whose burst they belong to, in order.
+    has fewer than ``outstanding`` bursts in flight; a burst that completes frees its place
+    the next cycle, so no path runs from the words' handshake to the requests' (in nested
+    arbiters such a path crossed every level twice). While a passed request waits for
+    ``mem.req.ready`` the grant is held, so the port keeps the stream rules. Words return to
+    the client whose burst they belong to, in order.
 
     Parameters
     ----------
@@ -621,8 +672,8 @@ class BurstArbiter(wiring.Component):
         m = Module()
         route_layout = data.StructLayout({"client": unsigned(max(1, (self.count - 1).bit_length())),
                                           "beats": unsigned(self.burst_len.bit_length())})
-        # one spare entry: a burst may be accepted in the cycle the oldest one completes
-        m.submodules.routes = routes = SyncFIFO(width=route_layout.size, depth=self.outstanding + 1)
+        # the oldest burst's route is a register (no read multiplexer before the words' owner)
+        m.submodules.routes = routes = ShiftFIFO(width=route_layout.size, depth=self.outstanding)
         route = data.View(route_layout, routes.r_data)
         beat = Signal(range(max(self.burst_len, 2)))
         done = Signal()
@@ -642,7 +693,7 @@ class BurstArbiter(wiring.Component):
 
         held = Signal()  # a passed request waits for the port; keep its grant
         held_client = Signal(route_layout.members["client"])
-        room = (routes.level - done) < self.outstanding
+        room = routes.w_rdy
         grant = Signal(route_layout.members["client"])
         for index in reversed(range(self.count)):
             with m.If(self.clients[index].req.valid):

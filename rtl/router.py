@@ -42,7 +42,7 @@ from ..golden.router import (
     SIGMOID_IN_FRAC,
     SIGMOID_TABLE,
 )
-from .memory import UNCHECKED, registered_read_port
+from .memory import unchecked_ram
 from .params import check_int, reject
 
 __all__ = [
@@ -276,12 +276,9 @@ class _Lockstep:
         # a memory of depth `stages` read one slot ahead of the write: the oldest entry
         name = self._name(name)
         # (a slot is never read as it is written)
-        mem = Memory(shape=unsigned(len(value)), depth=stages, init=[], attrs=UNCHECKED)
-        self.m.submodules[f"{name}_mem"] = mem
+        write, read = unchecked_ram(self.m, f"{name}_mem", shape=unsigned(len(value)), depth=stages)
         pointer = Signal(range(stages), name=f"{name}_ptr")
         ahead = Mux(pointer == stages - 1, 0, pointer + 1)
-        write = mem.write_port()
-        read = registered_read_port(self.m, mem)
         self.m.d.comb += [
             write.addr.eq(pointer), write.data.eq(value), write.en.eq(self.advance),
             read.addr.eq(ahead), read.en.eq(self.advance),

@@ -9,7 +9,6 @@ register file and device memory.
 
 from amaranth import Array, Cat, Const, Module, Mux, Signal, signed
 from amaranth.lib import data, stream, wiring
-from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out, connect, flipped
 from amaranth.utils import bits_for
 
@@ -28,14 +27,13 @@ from .expert import COUNTERS, ExpertEngine
 from .link import LinkEndpoint
 from .loader import ExpertLoader
 from .memory import (
-    UNCHECKED,
     BlockFIFO,
     BlockRAMMemory,
     BurstArbiter,
     SimulatedMemory,
     SPRAMMemory,
     burst_read_signature,
-    registered_read_port,
+    unchecked_ram,
     word_addr_width,
     write_layout,
     written_signature,
@@ -156,16 +154,13 @@ class CommandProcessor(wiring.Component):
         # the RUN_EXPERT table (written in TABLE, read while the expert runs): a row at or above
         # max_tokens fails the command, so the bits below max_tokens hold any row that is used
         row_bits = max(1, (model.max_tokens - 1).bit_length())
-        m.submodules.table = table = Memory(shape=data.StructLayout({"row": row_bits, "weight": 16}),
-                                            depth=max(2, model.max_tokens), init=[], attrs=UNCHECKED)
-        table_w, table_r = table.write_port(), registered_read_port(m, table)
+        table_w, table_r = unchecked_ram(m, "table", shape=data.StructLayout({"row": row_bits, "weight": 16}),
+                                         depth=max(2, model.max_tokens))
 
         def table_index(index):
             return index if model.max_tokens > 1 else 0  # one token: entry 0 alone is used
         # the accumulator: an entry read in the cycle it is written is never used
-        m.submodules.acc = acc = Memory(shape=data.ArrayLayout(signed(32), a.cols), depth=max(2, acc_depth),
-                                        init=[], attrs=UNCHECKED)
-        acc_w, acc_r = acc.write_port(), registered_read_port(m, acc)
+        acc_w, acc_r = unchecked_ram(m, "acc", shape=data.ArrayLayout(signed(32), a.cols), depth=max(2, acc_depth))
 
         # The command being decoded or run, kept as FETCH takes its words (word 0, the opcode,
         # comes first): the opcode (7 for any above the last command), word 1 whole (the FENCE
@@ -260,9 +255,14 @@ class CommandProcessor(wiring.Component):
         with m.If(router.o.valid & router.o.ready):
             m.d.sync += [result.eq(router.o.payload), holding.eq(1), slot.eq(0)]
 
-        # RUN_EXPERT accumulation: one y beat at a time, read table, read acc, write acc
+        # RUN_EXPERT accumulation: one y beat at a time, three cycles each (below)
         y = Signal(engine.y.payload.shape())
         acc_step = Signal(range(4))
+        acc_addr = Signal.like(acc_r.addr)
+        acc_weight = Signal(16)
+        product = Signal(data.ArrayLayout(signed(32), a.cols))  # the sum wraps to 32 bits
+        acc_sum = Signal.like(product)
+        acc_pending = Signal()  # acc_sum is written at acc_addr
         tile = Signal(range(max(2, hidden_tiles)))
         y_done = Signal()
         loader_done = Signal()
@@ -472,28 +472,36 @@ class CommandProcessor(wiring.Component):
                 with m.If(loader.done.valid):
                     m.d.comb += loader.done.ready.eq(1)
                     m.d.sync += loader_done.eq(1)
-                # accumulate: 0 take y, read table; 1 read acc; 2 write acc (the table entry
-                # read in 0 is held through 1 and 2)
-                picked = table_r.data
+                # accumulate, a register after each block RAM read, the multiply and the sum,
+                # three cycles a y beat: 1 keep the entry's accumulator address and weight; 2
+                # read the accumulator, multiply; 3 add; the sum is written the next cycle,
+                # beside the next beat's step 1. A beat is taken (and its table entry read) in
+                # step 0 or 3, so y.ready comes from registers alone.
+                take_y = ~y_done & ((acc_step == 0) | ((acc_step == 3) & ~y.last))
+                m.d.comb += [engine.y.ready.eq(take_y), table_r.addr.eq(table_index(engine.y.payload.token))]
                 with m.Switch(acc_step):
-                    with m.Case(0):
-                        m.d.comb += [engine.y.ready.eq(~y_done), table_r.addr.eq(table_index(engine.y.payload.token))]
-                        with m.If(engine.y.valid & engine.y.ready):
-                            m.d.sync += [y.eq(engine.y.payload), acc_step.eq(1)]
                     with m.Case(1):
-                        m.d.comb += [table_r.en.eq(0), acc_r.addr.eq(picked.row * hidden_tiles + tile)]
-                        m.d.sync += acc_step.eq(2)
+                        m.d.comb += table_r.en.eq(0)
+                        m.d.sync += [acc_addr.eq(table_r.data.row * hidden_tiles + tile),
+                                     acc_weight.eq(table_r.data.weight), acc_step.eq(2)]
                     with m.Case(2):
-                        m.d.comb += [table_r.en.eq(0), acc_w.addr.eq(picked.row * hidden_tiles + tile), acc_w.en.eq(1)]
-                        weight = Cat(picked.weight, Const(0, 1)).as_signed()
+                        m.d.comb += acc_r.addr.eq(acc_addr)
                         for c in range(a.cols):
-                            m.d.comb += acc_w.data[c].eq(acc_r.data[c] + weight * y.values[c])
+                            m.d.sync += product[c].eq(Cat(acc_weight, Const(0, 1)).as_signed() * y.values[c])
+                        m.d.sync += acc_step.eq(3)
+                    with m.Case(3):
+                        for c in range(a.cols):
+                            m.d.sync += acc_sum[c].eq(acc_r.data[c] + product[c])
                         m.d.sync += acc_step.eq(0)
                         with m.If(y.token + 1 == tokens):
                             m.d.sync += tile.eq(tile + 1)
                         with m.If(y.last):
                             m.d.sync += y_done.eq(1)
-                with m.If(y_done & loader_done):
+                with m.If(engine.y.valid & take_y):
+                    m.d.sync += [y.eq(engine.y.payload), acc_step.eq(1)]
+                m.d.comb += [acc_w.addr.eq(acc_addr), acc_w.data.eq(acc_sum), acc_w.en.eq(acc_pending)]
+                m.d.sync += acc_pending.eq(acc_step == 3)
+                with m.If(y_done & loader_done & ~acc_pending):
                     for name, field in engine_counters.items():
                         m.d.sync += count_up(name, getattr(engine.counters, field))
                     m.next = "DONE"
