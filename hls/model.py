@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 from ..golden.formats import HEADER_SIZE
 from ..rtl.loader import LoaderGeometry
+from ..rtl.memory import MIN_LATENCY
 
 __all__ = [
     "ExpertCycles",
@@ -48,8 +49,10 @@ __all__ = [
 # -- fixed costs in cycles, fitted to the harness (tests/hls/test_model.py) ---------------------
 #: request register and queue between the loader's request and the memory's latency count
 _MEM_ISSUE_CYCLES = 1
-#: a finished burst's tag to the next burst's issue (the tag FIFO has a spare entry)
-_TAG_FREE_CYCLES = 0
+#: a burst leaves the memory's queue this many cycles before its last word is delivered (the
+#: address register and the registered read), so the next request may enter then; the burst
+#: arbiters keep one more burst in flight than the memory queues
+_QUEUE_FREE_LEAD = MIN_LATENCY - 1
 #: a command's DECODE, CHECK and DONE states, as fitted to the harness (FETCH is not busy)
 _COMMAND_CYCLES = 2
 #: header burst to checked command: CRC of the header, field checks, hand-over to the streamer
@@ -77,7 +80,7 @@ def burst_schedule(jobs, *, latency, outstanding, start=0, ready=None):
     job ``j``'s first burst may be issued (a bank that must be free first). Returns the cycle
     each job's last word arrives and the cycle its first word arrives.
     """
-    latency = max(2, latency)
+    latency = max(MIN_LATENCY, latency)
     ends, firsts = [], []
     done = []  # end cycle of every burst so far
     issue = start - 1
@@ -87,7 +90,9 @@ def burst_schedule(jobs, *, latency, outstanding, start=0, ready=None):
         for length in bursts:
             issue = max(issue + 1, (ready[j] if ready else start))
             if len(done) >= outstanding:
-                issue = max(issue, done[-outstanding] + _TAG_FREE_CYCLES)
+                issue = max(issue, done[-outstanding] - _QUEUE_FREE_LEAD)
+            if len(done) > outstanding:
+                issue = max(issue, done[-outstanding - 1])
             begin = max(issue + latency + _MEM_ISSUE_CYCLES - 1, data_end)
             data_end = begin + length
             done.append(data_end)
@@ -175,7 +180,7 @@ def expert_cycles(config, tokens, *, verified=True):
     segments = [_bursts(beats, burst) for beats in g.segment_beats]
     seg_end, seg_first = burst_schedule(segments, latency=mem.latency, outstanding=mem.outstanding, start=t)
     run = seg_first[0] + _RUN_START_CYCLES  # the engine's run beat
-    lead = max(2, mem.latency)
+    lead = max(MIN_LATENCY, mem.latency)
     fills = []  # cycle each bank's last word arrives
     free = []  # cycle each bank is freed
 
@@ -254,7 +259,7 @@ def route_cycles(config, tokens):
     router = _router(r)
     beats = router.beats
     per_token = max(beats, r.experts, r.k_max + 1)  # one 32-bit logit word per cycle feeds the lanes
-    return per_token * tokens + router.LATENCY + max(2, config.memory.latency) + _MEM_ISSUE_CYCLES \
+    return per_token * tokens + router.LATENCY + max(MIN_LATENCY, config.memory.latency) + _MEM_ISSUE_CYCLES \
         + r.k_max + 1 + _COMMAND_CYCLES
 
 

@@ -330,14 +330,18 @@ class ImageChecker(wiring.Component):
         # verified images: block addresses whose payload passed, forgotten when written
         cur = Signal(checked_layout(g.addr_width, g.tokens_width))  # the command (its code unused)
         block = cur.block
+        # a write is seen a cycle after it lands (a register between the memory's write port
+        # and the comparators); in that cycle it already counts against a lookup (``hit``),
+        # and an image inserted as it lands is forgotten the next cycle
+        written_valid = Signal()
         written_block = Signal(len(block))
-        m.d.comb += written_block.eq(self.written.addr[block_shift:])
+        m.d.sync += [written_valid.eq(self.written.valid), written_block.eq(self.written.addr[block_shift:])]
 
         def touches(start):
-            """A write this cycle lands inside the image that starts at block ``start``, an image
-            that fits in memory (else the answer is never used): the difference wraps modulo
-            2**len(block) for a write below ``start``, to at least ``image_blocks``."""
-            return self.written.valid & ((written_block - start)[:len(block)] < image_blocks)
+            """The write seen this cycle lands inside the image that starts at block ``start``,
+            an image that fits in memory (else the answer is never used): the difference wraps
+            modulo 2**len(block) for a write below ``start``, to at least ``image_blocks``."""
+            return written_valid & ((written_block - start)[:len(block)] < image_blocks)
 
         dirty = Signal()  # the current image was written while it was checked
         with m.If(touches(block)):
@@ -353,7 +357,8 @@ class ImageChecker(wiring.Component):
                     m.d.sync += [entry.eq(block), valid.eq(1)]
                 with m.Elif(touches(entry)):
                     m.d.sync += valid.eq(0)
-            m.d.comb += hit.eq(Cat(v & (e == block) for e, v in zip(known, known_valid, strict=True)).any())
+            m.d.comb += hit.eq(Cat(v & (e == block) & ~touches(e)
+                                   for e, v in zip(known, known_valid, strict=True)).any())
             with m.If(insert):
                 m.d.sync += insert_at.eq(Mux(insert_at == g.verified_images - 1, 0, insert_at + 1))
 
@@ -949,7 +954,7 @@ class ExpertLoader(wiring.Component):
         m.submodules.streamer = streamer = self.streamer
         m.submodules.arbiter = arbiter = BurstArbiter(clients=2, addr_width=g.mem_addr_width,
                                                       data_width=g.port_width, burst_len=g.burst_len,
-                                                      outstanding=g.outstanding)
+                                                      outstanding=g.outstanding + 1)
         m.d.comb += [
             self.cmd.ready.eq(commands.w_rdy),
             commands.w_en.eq(self.cmd.valid),

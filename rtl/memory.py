@@ -46,8 +46,8 @@ __all__ = [
 ]
 
 #: The fewest cycles from an accepted request to its first word: the request queue's
-#: register and the block RAM's registered read.
-MIN_LATENCY = 2
+#: register, the word address register and the block RAM's registered read.
+MIN_LATENCY = 3
 #: Width of the simulation model's cycle counter (request due times wrap with it).
 NOW_WIDTH = 32
 
@@ -338,9 +338,9 @@ class _BurstMemory(wiring.Component):
                 with m.If(self.read.req.valid & self.read.req.ready):
                     # Galois LFSR, x^32 + x^22 + x^2 + x + 1
                     m.d.sync += lfsr.eq(Mux(lfsr[0], (lfsr >> 1) ^ 0x80200003, lfsr >> 1))
-                m.d.comb += delay.eq(self.latency - 1 + lfsr % (self.jitter + 1))
+                m.d.comb += delay.eq(self.latency - 2 + lfsr % (self.jitter + 1))
             else:
-                m.d.comb += delay.eq(self.latency - 1)
+                m.d.comb += delay.eq(self.latency - 2)
             m.d.comb += incoming.due.eq(now + delay)
             # wrap-safe now >= due: a request is never due more than 2**31 cycles ago
             m.d.comb += due.eq(~(now - head.due)[NOW_WIDTH - 1])
@@ -360,25 +360,32 @@ class _BurstMemory(wiring.Component):
         else:
             m.d.comb += credit_ok.eq(1)
 
+        # Two stages: the word's address into a register (it fans out to every block RAM of
+        # the storage), then the RAM's registered read; a stalled ``data`` stream holds both.
         beat = Signal(range(max(self.burst_len, 2)))
+        addr_valid = Signal()
         out_valid = Signal()
         free = ~out_valid | self.read.data.ready
         # a single-port RAM reads only in cycles without a write
         port_free = ~self.write.valid if self.single_port is not None else 1
-        m.d.comb += spend.eq(queue.r_rdy & due & credit_ok & free & port_free)
+        reading = addr_valid & free & port_free
         m.d.comb += [
-            read.addr.eq(head.addr + beat),
-            read.en.eq(spend),
+            spend.eq(queue.r_rdy & due & credit_ok & (~addr_valid | reading)),
+            read.en.eq(reading),
             self.read.data.valid.eq(out_valid),
             self.read.data.payload.eq(read.data),
         ]
         with m.If(spend):
-            m.d.sync += out_valid.eq(1)
+            m.d.sync += [read.addr.eq(head.addr + beat), addr_valid.eq(1)]
             with m.If(beat == head.beats - 1):
                 m.d.comb += queue.r_en.eq(1)
                 m.d.sync += beat.eq(0)
             with m.Else():
                 m.d.sync += beat.eq(beat + 1)
+        with m.Elif(reading):
+            m.d.sync += addr_valid.eq(0)
+        with m.If(reading):
+            m.d.sync += out_valid.eq(1)
         with m.Elif(self.read.data.ready):
             m.d.sync += out_valid.eq(0)
         return m
@@ -630,6 +637,11 @@ class BurstArbiter(wiring.Component):
     arbiters such a path crossed every level twice). While a passed request waits for
     ``mem.req.ready`` the grant is held, so the port keeps the stream rules. Words return to
     the client whose burst they belong to, in order.
+
+    In front of a memory that queues ``q`` requests, ``outstanding=q + 1`` keeps the memory
+    as busy as its requesters can: a burst leaves the memory's queue when its last word is
+    read and stays in flight here until that word is delivered, and the memory's own
+    ``req.ready`` holds a request while its queue is full.
 
     Parameters
     ----------

@@ -142,7 +142,7 @@ class CommandProcessor(wiring.Component):
                                                   count_width=dma_width)
         m.submodules.arbiter = arbiter = BurstArbiter(clients=2, addr_width=self.addr_width,
                                                       data_width=mem.port_width, burst_len=mem.burst_len,
-                                                      outstanding=mem.outstanding)
+                                                      outstanding=mem.outstanding + 1)
         connect(m, loader.mem, arbiter.clients[0])
         connect(m, reader.mem, arbiter.clients[1])
         connect(m, arbiter.mem, flipped(self.mem))
@@ -594,7 +594,7 @@ class Accelerator(wiring.Component):
         else:
             m.submodules.memory = memory = SimulatedMemory.from_config(config, external=self.memory == "harness")
         m.submodules.reads = reads = BurstArbiter(clients=2, addr_width=memory.addr_width, data_width=mem.port_width,
-                                                  burst_len=mem.burst_len, outstanding=mem.outstanding)
+                                                  burst_len=mem.burst_len, outstanding=mem.outstanding + 1)
 
         connect(m, flipped(self.rx), link.rx)
         connect(m, link.tx, flipped(self.tx))
