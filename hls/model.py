@@ -56,9 +56,9 @@ _QUEUE_FREE_LEAD = MIN_LATENCY - 1
 #: a command's DECODE, CHECK and DONE states, as fitted to the harness (FETCH is not busy)
 _COMMAND_CYCLES = 2
 #: header burst to checked command: CRC of the header, field checks, hand-over to the streamer
-_HEADER_CHECK_CYCLES = 6
+_HEADER_CHECK_CYCLES = 7
 #: the verify pass streams at one port word per cycle; this is its start and CRC check
-_VERIFY_CYCLES = 8
+_VERIFY_CYCLES = 9
 #: first params word to the engine's run beat and the x DMA's first word
 _RUN_START_CYCLES = 2
 #: last array step to the last ``y`` beat: array drain (rows), epilogue pipeline, accumulator

@@ -317,10 +317,12 @@ class ImageChecker(wiring.Component):
         def read(addr, beats):
             return [job_addr.eq(addr), job_left.eq(beats), to_receive.eq(beats), first.eq(1)]
 
-        beat = self.mem.data.valid
-        word = self.mem.data.payload
-        received = Signal()  # the job's last word arrived in the previous cycle
+        # the words, always taken, through a register: they come through every burst arbiter
+        beat = Signal()
+        word = Signal.like(self.mem.data.payload)
         m.d.comb += self.mem.data.ready.eq(1)
+        m.d.sync += [beat.eq(self.mem.data.valid), word.eq(self.mem.data.payload)]
+        received = Signal()  # the job's last word was checked in the previous cycle
         with m.If(beat):
             m.d.sync += [to_receive.eq(to_receive - 1), first.eq(0)]
         m.d.sync += received.eq(beat & (to_receive == 1))

@@ -423,5 +423,5 @@ def test_formal_loader_never_emits_for_a_refused_command():
 
 @pytest.mark.formal
 def test_formal_loader_check_reaches_a_payload_crc_refusal():
-    result = run_bmc(LoaderCheck(reach=True, **WIDE_PORT), name="expert-loader-reach", depth=20, map_memories=True)
+    result = run_bmc(LoaderCheck(reach=True, **WIDE_PORT), name="expert-loader-reach", depth=22, map_memories=True)
     assert result.status == "FAIL" and len(result.failed) == 1 and result.trace is not None, result.status
