@@ -47,8 +47,9 @@ __all__ = [
 ]
 
 # -- fixed costs in cycles, fitted to the harness (tests/hls/test_model.py) ---------------------
-#: request register and queue between the loader's request and the memory's latency count
-_MEM_ISSUE_CYCLES = 1
+#: request register, the device's request registers and the memory's queue between the
+#: loader's request and the memory's latency count
+_MEM_ISSUE_CYCLES = 2
 #: a burst leaves the memory's queue this many cycles before its last word is delivered (the
 #: address register and the registered read), so the next request may enter then; the burst
 #: arbiters keep one more burst in flight than the memory queues

@@ -87,18 +87,25 @@ class WordReader(wiring.Component):
             buffer.w_data.eq(self.mem.data.payload),
         ]
 
-        # requests: port words still to request, and words requested but not yet popped
+        # requests: port words still to request, and words requested but not yet popped. The
+        # next request's size and whether the buffer has room for it are registered, a cycle
+        # behind: a cycle after a request they are stale and no request is made; else only
+        # pops (more room) and a command start (nothing to request yet) moved since.
         to_request = Signal(self.count_width + 1)
         next_addr = Signal(self.addr_width)
         held = Signal(range(self.buffer_words + 1))
         beats = Signal(range(self.burst_len + 1))
-        m.d.comb += beats.eq(Mux(to_request < self.burst_len, to_request, self.burst_len))
+        fits = Signal()
+        just_requested = Signal()
+        next_beats = Mux(to_request < self.burst_len, to_request, self.burst_len)
+        m.d.sync += [beats.eq(next_beats), fits.eq((to_request != 0) & (held + next_beats <= self.buffer_words))]
         m.d.comb += [
-            self.mem.req.valid.eq((to_request != 0) & (held + beats <= self.buffer_words)),
+            self.mem.req.valid.eq(fits & ~just_requested),
             self.mem.req.payload.addr.eq(next_addr),
             self.mem.req.payload.beats.eq(beats),
         ]
         requested = self.mem.req.valid & self.mem.req.ready
+        m.d.sync += just_requested.eq(requested)
         popped = buffer.r_en & buffer.r_rdy
         m.d.sync += held.eq(held + Mux(requested, beats, 0) - popped)
 

@@ -46,8 +46,8 @@ __all__ = [
 ]
 
 #: The fewest cycles from an accepted request to its first word: the request queue's
-#: register, the word address register and the block RAM's registered read.
-MIN_LATENCY = 3
+#: register, the word address register, the block RAM's registered read and the word register.
+MIN_LATENCY = 4
 #: Width of the simulation model's cycle counter (request due times wrap with it).
 NOW_WIDTH = 32
 
@@ -338,9 +338,9 @@ class _BurstMemory(wiring.Component):
                 with m.If(self.read.req.valid & self.read.req.ready):
                     # Galois LFSR, x^32 + x^22 + x^2 + x + 1
                     m.d.sync += lfsr.eq(Mux(lfsr[0], (lfsr >> 1) ^ 0x80200003, lfsr >> 1))
-                m.d.comb += delay.eq(self.latency - 2 + lfsr % (self.jitter + 1))
+                m.d.comb += delay.eq(self.latency - 3 + lfsr % (self.jitter + 1))
             else:
-                m.d.comb += delay.eq(self.latency - 2)
+                m.d.comb += delay.eq(self.latency - 3)
             m.d.comb += incoming.due.eq(now + delay)
             # wrap-safe now >= due: a request is never due more than 2**31 cycles ago
             m.d.comb += due.eq(~(now - head.due)[NOW_WIDTH - 1])
@@ -360,20 +360,24 @@ class _BurstMemory(wiring.Component):
         else:
             m.d.comb += credit_ok.eq(1)
 
-        # Two stages: the word's address into a register (it fans out to every block RAM of
-        # the storage), then the RAM's registered read; a stalled ``data`` stream holds both.
+        # Three stages, each a register: the word's address (it fans out to every block RAM of
+        # the storage), the RAM's registered read, the word out (the RAMs' outputs and their
+        # multiplexer stay inside the memory). A stalled ``data`` stream holds all three.
         beat = Signal(range(max(self.burst_len, 2)))
         addr_valid = Signal()
+        read_valid = Signal()
         out_valid = Signal()
-        free = ~out_valid | self.read.data.ready
+        out_word = Signal(self.port_width)
+        out_free = ~out_valid | self.read.data.ready
+        read_free = ~read_valid | out_free
         # a single-port RAM reads only in cycles without a write
         port_free = ~self.write.valid if self.single_port is not None else 1
-        reading = addr_valid & free & port_free
+        reading = addr_valid & read_free & port_free
         m.d.comb += [
             spend.eq(queue.r_rdy & due & credit_ok & (~addr_valid | reading)),
             read.en.eq(reading),
             self.read.data.valid.eq(out_valid),
-            self.read.data.payload.eq(read.data),
+            self.read.data.payload.eq(out_word),
         ]
         with m.If(spend):
             m.d.sync += [read.addr.eq(head.addr + beat), addr_valid.eq(1)]
@@ -384,10 +388,10 @@ class _BurstMemory(wiring.Component):
                 m.d.sync += beat.eq(beat + 1)
         with m.Elif(reading):
             m.d.sync += addr_valid.eq(0)
-        with m.If(reading):
-            m.d.sync += out_valid.eq(1)
-        with m.Elif(self.read.data.ready):
-            m.d.sync += out_valid.eq(0)
+        with m.If(read_free):
+            m.d.sync += read_valid.eq(reading)
+        with m.If(out_free):
+            m.d.sync += [out_valid.eq(read_valid), out_word.eq(read.data)]
         return m
 
 

@@ -30,6 +30,7 @@ from .memory import (
     BlockFIFO,
     BlockRAMMemory,
     BurstArbiter,
+    ShiftFIFO,
     SimulatedMemory,
     SPRAMMemory,
     burst_read_signature,
@@ -593,8 +594,9 @@ class Accelerator(wiring.Component):
             m.submodules.memory = memory = SPRAMMemory.from_config(config)
         else:
             m.submodules.memory = memory = SimulatedMemory.from_config(config, external=self.memory == "harness")
+        # one burst in flight more than the memory queues, and one for the request registers
         m.submodules.reads = reads = BurstArbiter(clients=2, addr_width=memory.addr_width, data_width=mem.port_width,
-                                                  burst_len=mem.burst_len, outstanding=mem.outstanding + 1)
+                                                  burst_len=mem.burst_len, outstanding=mem.outstanding + 2)
 
         connect(m, flipped(self.rx), link.rx)
         connect(m, link.tx, flipped(self.tx))
@@ -602,7 +604,20 @@ class Accelerator(wiring.Component):
         # reads: the command processor (loader, DMA) first, then the host
         connect(m, processor.mem, reads.clients[0])
         connect(m, link.mem_read, reads.clients[1])
-        connect(m, reads.mem, memory.read)
+        # the requests through two registers (every burst arbiter's handshake ends here), the
+        # words straight back
+        m.submodules.requests = requests = ShiftFIFO(width=len(reads.mem.req.payload.as_value()), depth=2)
+        m.d.comb += [
+            requests.w_en.eq(reads.mem.req.valid),
+            requests.w_data.eq(reads.mem.req.payload),
+            reads.mem.req.ready.eq(requests.w_rdy),
+            memory.read.req.valid.eq(requests.r_rdy),
+            memory.read.req.payload.eq(requests.r_data),
+            requests.r_en.eq(memory.read.req.ready),
+            reads.mem.data.valid.eq(memory.read.data.valid),
+            reads.mem.data.payload.eq(memory.read.data.payload),
+            memory.read.data.ready.eq(reads.mem.data.ready),
+        ]
         connect(m, memory.written, processor.written)
         # writes: the host first; the processor's results wait a cycle
         with m.If(link.mem_write.valid):

@@ -125,17 +125,18 @@ def test_bandwidth_limits_words_per_cycle(rate):
 
 
 def test_jitter_draws_latencies_in_range_and_backpressure_holds_words():
-    dut = SimulatedMemory(size_bytes=1024, port_width=8, burst_len=1, outstanding=1, latency=3, jitter=5, seed=77)
+    dut = SimulatedMemory(size_bytes=1024, port_width=8, burst_len=1, outstanding=1, latency=MIN_LATENCY, jitter=5,
+                          seed=77)
     requests = [(i, 1) for i in range(40)]
     accepted, beats, _ = _run_memory(dut, requests, stall=0.3, seed=3, cycles=2000)
     assert [w for _, w in beats] == _expected(requests, 8)
     # with one request in flight a word's wait is its latency plus the stalls it met
     waits = [c - a for (c, _), a in zip(beats, accepted, strict=True)]
-    assert min(waits) >= 3
-    unstalled = _run_memory(SimulatedMemory(size_bytes=1024, port_width=8, burst_len=1, outstanding=1, latency=3,
-                                            jitter=5, seed=77), requests, cycles=2000)
+    assert min(waits) >= MIN_LATENCY
+    unstalled = _run_memory(SimulatedMemory(size_bytes=1024, port_width=8, burst_len=1, outstanding=1,
+                                            latency=MIN_LATENCY, jitter=5, seed=77), requests, cycles=2000)
     lat = [c - a for (c, _), a in zip(unstalled[1], unstalled[0], strict=True)]
-    assert set(lat) <= set(range(3, 9)) and len(set(lat)) >= 4
+    assert set(lat) <= set(range(MIN_LATENCY, MIN_LATENCY + 6)) and len(set(lat)) >= 4
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [
@@ -251,8 +252,9 @@ def test_block_ram_memory_maps_to_block_ram_on_ecp5():
     use = synthesize(BlockRAMMemory(size_bytes=16384, port_width=64, burst_len=16, outstanding=2),
                      name="block_ram_memory", family="ecp5")
     # 16 KiB in 18-kbit DP16KD blocks: at least 8, and no storage left in LUTs or flip-flops
+    # (those hold the queue, the address and the 64-bit word register: 227 at this commit)
     assert use.brams >= 8
-    assert use.ffs < 200 and use.luts < 400
+    assert use.ffs < 300 and use.luts < 400
 
 
 def test_spram_memory_streams_queued_bursts_like_block_ram():
