@@ -4,8 +4,9 @@ Cycle model (checked against the Verilator harness by :func:`cycle_errors`, in
 ``tests/hls/test_model.py`` and ``moegen bench codesign``):
 
 * **Memory**: a burst of ``b`` port words issued at ``t`` delivers its first word ``latency``
-  cycles later (at least 2, ``SimulatedMemory``), then one word per cycle, in order; at most
-  ``outstanding`` bursts are in flight. :func:`burst_schedule` runs that recurrence.
+  cycles later (at least ``MIN_LATENCY``, 4, ``SimulatedMemory``), then one word per cycle, in
+  order; the memory queues ``outstanding`` requests and the arbiters keep one burst more in
+  flight. :func:`burst_schedule` runs that recurrence.
 * **RUN_EXPERT** (``rtl/top.py``): the table DMA, the loader's header check, on the first use
   of an image its *verify pass* (the whole payload, one burst at a time), then the stream
   pass: params and table words, then the tiles in engine order into a ring of ``banks``
@@ -20,9 +21,8 @@ Cycle model (checked against the Verilator harness by :func:`cycle_errors`, in
 
 The constants (``_*_CYCLES``) are the fixed costs of states and pipelines, fitted to the
 harness by a grid search over the configs of the tests (tiny, default and two sweep variants,
-1..max_tokens tokens, cold and warm): largest error 3.4% on a host call's busy cycles and on
-the engine's. Resource model: :func:`resources`, its coefficients from yosys synthesis (see
-``RESOURCE_FITS``).
+1..max_tokens tokens, cold and warm): largest error 4.3% (tiny's engine cycles). Resource
+model: :func:`resources`, its coefficients from yosys synthesis (see ``RESOURCE_FITS``).
 """
 
 from dataclasses import dataclass
@@ -47,12 +47,12 @@ __all__ = [
 ]
 
 # -- fixed costs in cycles, fitted to the harness (tests/hls/test_model.py) ---------------------
-#: request register, the device's request registers and the memory's queue between the
-#: loader's request and the memory's latency count
+#: request register, the device's request FIFO and the memory's queue between the loader's
+#: request and the memory's latency count
 _MEM_ISSUE_CYCLES = 2
 #: a burst leaves the memory's queue this many cycles before its last word is delivered (the
-#: address register and the registered read), so the next request may enter then; the burst
-#: arbiters keep one more burst in flight than the memory queues
+#: address register, the registered read and the word register), so the next request may
+#: enter then; the burst arbiters keep one more burst in flight than the memory queues
 _QUEUE_FREE_LEAD = MIN_LATENCY - 1
 #: a command's DECODE, CHECK and DONE states, as fitted to the harness (FETCH is not busy)
 _COMMAND_CYCLES = 2

@@ -37,7 +37,8 @@ class WordReader(wiring.Component):
     Bursts of up to ``burst_len`` port words are requested only while the reader's buffer has
     room for every word in flight, so ``mem.data`` is always ready and the reader never holds
     the shared memory port. With ``buffer_words >= outstanding * burst_len`` and a consumer
-    that takes a word per cycle, a wide port streams at one 32-bit word per cycle.
+    that takes a word per cycle, a wide port streams at one 32-bit word per cycle (requests
+    are made at most every other cycle, so bursts of one port word give half that).
 
     Parameters
     ----------

@@ -15,9 +15,9 @@ response's last byte has left):
    cycle checks the CRC residue; a bad frame is dropped with nothing executed.
 2. **Decide** (one cycle): a retry of a write (same nonzero sequence number and opcode as the
    last executed request) replays the remembered status; otherwise every check of the
-   model's order that needs no bus runs at once (opcode, lengths, alignment, memory range,
-   command queue room).
-3. **CSR range check** (CSR requests only, one cycle per word): every word must be mapped,
+   model's order that needs no bus (opcode, lengths, alignment, memory range, command queue
+   room), each computed in the cycle of the CRC check and registered.
+3. **CSR range check** (CSR requests only, two cycles per word): every word must be mapped,
    else ``BAD_ADDRESS`` with nothing read or written.
 4. **Write** (OK writes only): the buffered payload goes out one item per cycle (a memory
    word, a CSR word or a command word), plus one cycle of buffer read latency.
@@ -63,10 +63,10 @@ class LinkEndpoint(wiring.Component):
     within ``burst_len * port_width / 8`` cycles of its request).
 
     Latency: the first response byte is offered in the third cycle after the one that took
-    the request's last byte (CRC check, decision), plus one cycle per word of a CSR access
+    the request's last byte (CRC check, decision), plus two cycles per word of a CSR access
     (range check) and ``items + 1`` cycles for a write (``items`` memory, CSR or command
-    words, when their sink is ready); a ``READ_MEM`` payload's first byte waits for the
-    memory's read latency beyond the six header bytes. ``rx`` is not ready from the
+    words, when their sink is ready); a ``READ_MEM`` payload is fetched from the second
+    header byte on, so its first byte waits for the memory's read latency beyond five. ``rx`` is not ready from the
     request's last byte until its response's last byte is taken, nor for the nine cycles
     that re-parse a refused oversize header; inside a frame it is always ready, so a frame
     is dropped (and counted in ``dropped``) after exactly ``idle_timeout`` consecutive cycles
@@ -234,7 +234,8 @@ class LinkEndpoint(wiring.Component):
         # length is at most max_payload, and the later checks compare only its low bits (a
         # memory range check adds them to the address's low bits, which reach the size).
         # Registered, for DECIDE: the header is whole in CHECK, the cycle before, and the
-        # queue's free space shrinks only by this endpoint's own submits.
+        # queue's free space shrinks only by this endpoint's own submits (a command the
+        # processor takes in that cycle frees its room for the next request).
         decided = Signal(8)
         word_length_bad = (length[:2] != 0) | (length == 0)
         short_length = length[:self.max_payload.bit_length()]

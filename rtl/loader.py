@@ -568,7 +568,7 @@ class TileStreamer(wiring.Component):
             "word": unsigned(len(job.word)), "first": unsigned(1), "close": unsigned(1),
             "beats": unsigned(g.burst_len.bit_length()),
         })
-        # one spare entry: a burst may be accepted in the cycle the oldest one completes
+        # as deep as the bursts the loader's arbiter lets be in flight (it pops with them)
         m.submodules.tags = tags = ShiftFIFO(width=tag_layout.size, depth=g.outstanding + 1)
         tag = data.View(tag_layout, tags.r_data)
         offered = Signal(tag_layout)  # routing of the burst on offer
@@ -885,7 +885,7 @@ class ExpertLoader(wiring.Component):
     burst_len : int
         Largest burst in words, 1..256.
     outstanding : int
-        Bursts in flight, 1..16.
+        Requests the memory queues, 1..16 (the loader keeps one burst more in flight).
     size_bytes : int
         Device-memory size, a multiple of 64 in 128..2**32.
     max_tokens : int

@@ -48,6 +48,8 @@ __all__ = [
 #: The fewest cycles from an accepted request to its first word: the request queue's
 #: register, the word address register, the block RAM's registered read and the word register.
 MIN_LATENCY = 4
+#: The most requests a memory queues (``memory.outstanding``).
+MAX_OUTSTANDING = 16
 #: Width of the simulation model's cycle counter (request due times wrap with it).
 NOW_WIDTH = 32
 
@@ -258,7 +260,7 @@ def _check_geometry(component, size_bytes, port_width, burst_len, outstanding):
     if size_bytes % (port_width // 8):
         reject(component, f"size_bytes must be a multiple of the port's {port_width // 8} bytes, not {size_bytes}")
     check_int(component, "burst_len", burst_len, 1, 256)
-    check_int(component, "outstanding", outstanding, 1, 16)
+    check_int(component, "outstanding", outstanding, 1, MAX_OUTSTANDING)
 
 
 class _BurstMemory(wiring.Component):
@@ -338,9 +340,9 @@ class _BurstMemory(wiring.Component):
                 with m.If(self.read.req.valid & self.read.req.ready):
                     # Galois LFSR, x^32 + x^22 + x^2 + x + 1
                     m.d.sync += lfsr.eq(Mux(lfsr[0], (lfsr >> 1) ^ 0x80200003, lfsr >> 1))
-                m.d.comb += delay.eq(self.latency - 3 + lfsr % (self.jitter + 1))
+                m.d.comb += delay.eq(self.latency - (MIN_LATENCY - 1) + lfsr % (self.jitter + 1))
             else:
-                m.d.comb += delay.eq(self.latency - 3)
+                m.d.comb += delay.eq(self.latency - (MIN_LATENCY - 1))
             m.d.comb += incoming.due.eq(now + delay)
             # wrap-safe now >= due: a request is never due more than 2**31 cycles ago
             m.d.comb += due.eq(~(now - head.due)[NOW_WIDTH - 1])
@@ -590,7 +592,8 @@ class SimulatedMemory(_BurstMemory):
         As for :class:`BlockRAMMemory`.
     latency : int
         Cycles from an accepted request to its first word, 0..1024; values below
-        :data:`MIN_LATENCY` behave as :data:`MIN_LATENCY` (the registered block-RAM read).
+        :data:`MIN_LATENCY` behave as :data:`MIN_LATENCY` (the request queue, the address
+        register, the block-RAM read and the word register).
     jitter : int
         Largest random extra latency per request, 0..1024.
     bandwidth : Fraction, int or float
@@ -643,9 +646,10 @@ class BurstArbiter(wiring.Component):
     the client whose burst they belong to, in order.
 
     In front of a memory that queues ``q`` requests, ``outstanding=q + 1`` keeps the memory
-    as busy as its requesters can: a burst leaves the memory's queue when its last word is
-    read and stays in flight here until that word is delivered, and the memory's own
-    ``req.ready`` holds a request while its queue is full.
+    as busy as its requesters can: a burst leaves the memory's queue when its last word's
+    address is registered, ``MIN_LATENCY - 1`` cycles before that word is delivered, and
+    stays in flight here until then; the memory's own ``req.ready`` holds a request while its
+    queue is full.
 
     Parameters
     ----------
@@ -656,7 +660,8 @@ class BurstArbiter(wiring.Component):
     burst_len : int
         Largest burst, 1..256.
     outstanding : int
-        Bursts the port may have in flight, 1..16.
+        Bursts the port may have in flight, 1..18 (a memory queues up to 16; the device's
+        arbiter keeps two more).
 
     Members
     -------
@@ -673,7 +678,7 @@ class BurstArbiter(wiring.Component):
         check_int(self, "addr_width", addr_width, 1, 32)
         check_int(self, "data_width", data_width, 1, 4096)
         check_int(self, "burst_len", burst_len, 1, 256)
-        check_int(self, "outstanding", outstanding, 1, 16)
+        check_int(self, "outstanding", outstanding, 1, MAX_OUTSTANDING + 2)
         self.count = clients
         self.burst_len = burst_len
         self.outstanding = outstanding

@@ -594,7 +594,7 @@ class Accelerator(wiring.Component):
             m.submodules.memory = memory = SPRAMMemory.from_config(config)
         else:
             m.submodules.memory = memory = SimulatedMemory.from_config(config, external=self.memory == "harness")
-        # one burst in flight more than the memory queues, and one for the request registers
+        # one burst in flight more than the memory queues, and one waiting in the request FIFO
         m.submodules.reads = reads = BurstArbiter(clients=2, addr_width=memory.addr_width, data_width=mem.port_width,
                                                   burst_len=mem.burst_len, outstanding=mem.outstanding + 2)
 
@@ -604,8 +604,8 @@ class Accelerator(wiring.Component):
         # reads: the command processor (loader, DMA) first, then the host
         connect(m, processor.mem, reads.clients[0])
         connect(m, link.mem_read, reads.clients[1])
-        # the requests through two registers (every burst arbiter's handshake ends here), the
-        # words straight back
+        # the requests through a two-entry FIFO of registers (every burst arbiter's handshake
+        # ends here; one cycle more, and a request may enter every cycle), the words straight back
         m.submodules.requests = requests = ShiftFIFO(width=len(reads.mem.req.payload.as_value()), depth=2)
         m.d.comb += [
             requests.w_en.eq(reads.mem.req.valid),

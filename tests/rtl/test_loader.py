@@ -243,7 +243,8 @@ def _rom(m, port, words, geometry, prop):
     Assume where a check only looks for a reachable trace)."""
     g = geometry
     request = data.StructLayout({"addr": g.mem_addr_width, "beats": g.burst_len.bit_length()})
-    m.submodules.rom_queue = queue = SyncFIFO(width=request.size, depth=g.outstanding)
+    # as many bursts as the loader's arbiter lets be in flight (one more than the memory queues)
+    m.submodules.rom_queue = queue = SyncFIFO(width=request.size, depth=g.outstanding + 1)
     head = data.View(request, queue.r_data)
     req = port.req
     m.d.comb += [req.ready.eq(queue.w_rdy & free(1)), queue.w_en.eq(req.valid & req.ready),

@@ -82,6 +82,17 @@ def _simulate(config, writes, commands, *, read_bytes=0, cycles=200_000):
     return state
 
 
+def test_accelerator_elaborates_with_the_deepest_memory_queue():
+    """``memory.outstanding`` 16, the most a config allows: the arbiters in front of the
+    memory keep one and two bursts more in flight."""
+    from amaranth.hdl import Fragment
+
+    tiny = load_config("tiny")
+    config = dataclasses.replace(tiny, memory=dataclasses.replace(tiny.memory, outstanding=16))
+    for memory in ("sim", "bram"):
+        Fragment.get(Accelerator(config, memory=memory), None)
+
+
 @pytest.mark.parametrize("errors", [False, True], ids=["clean", "error-stops-queue"])
 @pytest.mark.parametrize("counters", [True, False], ids=["counters", "no-counters"])
 def test_processor_matches_the_device_model_on_tiny(errors, counters):
