@@ -66,8 +66,9 @@ class LinkEndpoint(wiring.Component):
     the request's last byte (CRC check, decision), plus two cycles per word of a CSR access
     (range check) and ``items + 1`` cycles for a write (``items`` memory, CSR or command
     words, when their sink is ready); a ``READ_MEM`` payload is fetched from the second
-    header byte on, so its first byte waits for the memory's read latency beyond five. ``rx`` is not ready from the
-    request's last byte until its response's last byte is taken, nor for the nine cycles
+    header byte on, so its first byte waits for the memory's read latency beyond five.
+    ``rx`` is not ready from the request's last byte until its response's last byte is
+    taken, nor for the nine cycles
     that re-parse a refused oversize header; inside a frame it is always ready, so a frame
     is dropped (and counted in ``dropped``) after exactly ``idle_timeout`` consecutive cycles
     in which the host offered no byte.
@@ -236,28 +237,30 @@ class LinkEndpoint(wiring.Component):
         # Registered, for DECIDE: the header is whole in CHECK, the cycle before, and the
         # queue's free space shrinks only by this endpoint's own submits (a command the
         # processor takes in that cycle frees its room for the next request).
+        verdict = Signal(8)
         decided = Signal(8)
         word_length_bad = (length[:2] != 0) | (length == 0)
         short_length = length[:self.max_payload.bit_length()]
         mem_bits = self.mem_bytes.bit_length()
         beyond_memory = address[mem_bits:].any() | (address[:mem_bits] + short_length > self.mem_bytes)
         with m.If(opcode > max(Opcode)):
-            m.d.sync += decided.eq(Status.BAD_OPCODE)
+            m.d.comb += verdict.eq(Status.BAD_OPCODE)
         with m.Elif(length > self.max_payload):
-            m.d.sync += decided.eq(Status.BAD_LENGTH)
+            m.d.comb += verdict.eq(Status.BAD_LENGTH)
         with m.Elif((is_csr | is_submit) & word_length_bad):
-            m.d.sync += decided.eq(Status.BAD_LENGTH)
+            m.d.comb += verdict.eq(Status.BAD_LENGTH)
         with m.Elif(is_csr & (address[:2] != 0)):
-            m.d.sync += decided.eq(Status.BAD_ADDRESS)
+            m.d.comb += verdict.eq(Status.BAD_ADDRESS)
         with m.Elif(is_mem & (length[:port_shift] != 0 if port_shift else 0)):
-            m.d.sync += decided.eq(Status.BAD_LENGTH)
+            m.d.comb += verdict.eq(Status.BAD_LENGTH)
         with m.Elif(is_mem & ((address[:port_shift] != 0 if port_shift else 0)
                               | beyond_memory)):
-            m.d.sync += decided.eq(Status.BAD_ADDRESS)
+            m.d.comb += verdict.eq(Status.BAD_ADDRESS)
         with m.Elif(is_submit & (short_length[2:] > self.submit_space)):
-            m.d.sync += decided.eq(Status.QUEUE_FULL)
+            m.d.comb += verdict.eq(Status.QUEUE_FULL)
         with m.Else():
-            m.d.sync += decided.eq(Status.OK)
+            m.d.comb += verdict.eq(Status.OK)
+        m.d.sync += decided.eq(verdict)
 
         def remember(final_status):
             m.d.sync += [status.eq(final_status), last.valid.eq(seq != 0), last.seq.eq(seq),

@@ -354,13 +354,14 @@ class ImageChecker(wiring.Component):
             known = [Signal(len(block), name=f"verified{i}") for i in range(g.verified_images)]
             known_valid = [Signal(name=f"verified{i}_valid") for i in range(g.verified_images)]
             insert_at = Signal(range(max(g.verified_images, 2)))
+            touched = [touches(entry) for entry in known]
             for i, (entry, valid) in enumerate(zip(known, known_valid, strict=True)):
                 with m.If(insert & (insert_at == i)):
                     m.d.sync += [entry.eq(block), valid.eq(1)]
-                with m.Elif(touches(entry)):
+                with m.Elif(touched[i]):
                     m.d.sync += valid.eq(0)
-            m.d.comb += hit.eq(Cat(v & (e == block) & ~touches(e)
-                                   for e, v in zip(known, known_valid, strict=True)).any())
+            m.d.comb += hit.eq(Cat(v & (e == block) & ~t
+                                   for e, v, t in zip(known, known_valid, touched, strict=True)).any())
             with m.If(insert):
                 m.d.sync += insert_at.eq(Mux(insert_at == g.verified_images - 1, 0, insert_at + 1))
 

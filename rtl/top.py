@@ -260,7 +260,7 @@ class CommandProcessor(wiring.Component):
         y = Signal(engine.y.payload.shape())
         acc_step = Signal(range(4))
         acc_addr = Signal.like(acc_r.addr)
-        acc_weight = Signal(16)
+        acc_weight = Signal(len(table_r.data.weight))
         product = Signal(data.ArrayLayout(signed(32), a.cols))  # the sum wraps to 32 bits
         acc_sum = Signal.like(product)
         acc_pending = Signal()  # acc_sum is written at acc_addr
