@@ -30,9 +30,9 @@ from .memory import (
     BlockFIFO,
     BlockRAMMemory,
     BurstArbiter,
-    ShiftFIFO,
     SimulatedMemory,
     SPRAMMemory,
+    StreamSlice,
     burst_read_signature,
     unchecked_ram,
     word_addr_width,
@@ -606,14 +606,10 @@ class Accelerator(wiring.Component):
         connect(m, link.mem_read, reads.clients[1])
         # the requests through a two-entry FIFO of registers (every burst arbiter's handshake
         # ends here; one cycle more, and a request may enter every cycle), the words straight back
-        m.submodules.requests = requests = ShiftFIFO(width=len(reads.mem.req.payload.as_value()), depth=2)
+        m.submodules.requests = requests = StreamSlice(reads.mem.req.payload.shape())
+        connect(m, reads.mem.req, requests.i)
+        connect(m, requests.o, memory.read.req)
         m.d.comb += [
-            requests.w_en.eq(reads.mem.req.valid),
-            requests.w_data.eq(reads.mem.req.payload),
-            reads.mem.req.ready.eq(requests.w_rdy),
-            memory.read.req.valid.eq(requests.r_rdy),
-            memory.read.req.payload.eq(requests.r_data),
-            requests.r_en.eq(memory.read.req.ready),
             reads.mem.data.valid.eq(memory.read.data.valid),
             reads.mem.data.payload.eq(memory.read.data.payload),
             memory.read.data.ready.eq(reads.mem.data.ready),

@@ -13,6 +13,7 @@ from amaranth.sim import Simulator
 from moegen.boards.synth import synthesize
 from moegen.formal import assert_stream_output, assume_stream_input, free, reset_at_start, run_bmc
 from moegen.rtl.memory import (
+    BANK_BYTES,
     MIN_LATENCY,
     BlockFIFO,
     BlockRAMMemory,
@@ -104,10 +105,13 @@ def test_latency_below_the_block_ram_floor_behaves_as_the_floor():
     assert dut.latency == MIN_LATENCY
 
 
-def test_block_ram_memory_streams_queued_bursts_without_bubbles():
-    dut = BlockRAMMemory(size_bytes=512, port_width=64, burst_len=8, outstanding=4)
+@pytest.mark.parametrize("bank_bytes", [BANK_BYTES, 128, 256])
+def test_block_ram_memory_streams_queued_bursts_without_bubbles(bank_bytes):
+    """One RAM, then four and two banks: bursts that cross a bank's end come out whole."""
+    dut = BlockRAMMemory(size_bytes=512, port_width=64, burst_len=8, outstanding=4, bank_bytes=bank_bytes)
     requests = [(0, 8), (20, 3), (9, 8), (63, 1), (30, 5)]
-    accepted, beats, _ = _run_memory(dut, requests, cycles=300)
+    accepted, beats, notices = _run_memory(dut, requests, cycles=300)
+    assert notices == list(range(64))
     assert [w for _, w in beats] == _expected(requests, 64)
     assert beats[0][0] - accepted[0] == MIN_LATENCY
     cycles = [c for c, _ in beats]
@@ -144,6 +148,8 @@ def test_jitter_draws_latencies_in_range_and_backpressure_holds_words():
     ({"size_bytes": 100}, r"size_bytes must be a multiple of the port's 8 bytes, not 100"),
     ({"burst_len": 300}, r"burst_len must be an integer in 1\.\.256, not 300"),
     ({"outstanding": 0}, r"outstanding must be an integer in 1\.\.16, not 0"),
+    ({"bank_bytes": 96}, r"bank_bytes must be a power of two, not 96"),
+    ({"bank_bytes": 4}, r"bank_bytes must be an integer in 8\.\.1073741824, not 4"),
 ])
 def test_bad_memory_geometry_is_named(kwargs, match):
     params = {"size_bytes": 1024, "port_width": 64, **kwargs}
@@ -223,7 +229,8 @@ def test_arbiter_routes_words_to_their_requesters_in_order():
 
 class ArbiterStreamCheck(Elaboratable):
     """The shared port keeps the stream rules whatever the requesters and the memory do,
-    and never has more than ``outstanding`` bursts in flight."""
+    never has more than ``outstanding`` bursts in flight, and passes a request exactly when
+    one client's request is taken, with that client's payload."""
 
     def elaborate(self, platform):
         m = Module()
@@ -233,6 +240,11 @@ class ArbiterStreamCheck(Elaboratable):
             assume_stream_input(m, client.req, name=f"req{index}")
             m.d.comb += [Assume(client.req.payload.beats != 0), client.data.ready.eq(free(1))]
         assert_stream_output(m, dut.mem.req, name="mem_req")
+        taken = [client.req.valid & client.req.ready for client in dut.clients]
+        m.d.comb += Assert(sum(taken) == (dut.mem.req.valid & dut.mem.req.ready))
+        for client, took in zip(dut.clients, taken, strict=True):
+            with m.If(took):
+                m.d.comb += Assert(dut.mem.req.payload.as_value() == client.req.payload.as_value())
         accepted = Signal(range(8))
         m.d.comb += [dut.mem.data.valid.eq(free(1)), dut.mem.data.payload.eq(free(2)),
                      Assume(~dut.mem.data.valid | (dut.in_flight != 0)), Assert(dut.in_flight <= 2)]
