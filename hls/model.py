@@ -66,6 +66,10 @@ _RUN_START_CYCLES = 2
 _ENGINE_DRAIN_CYCLES = 8
 #: last up step to the first down step: the epilogue writes the last h rows
 _H_WAIT_CYCLES = 8
+#: with ``device.pipeline``: the result and output slices (both paths), the activation register
+#: (the h path)
+_PIPELINE_DRAIN_CYCLES = 2
+_PIPELINE_H_WAIT_CYCLES = 2
 #: ACC_STORE: the first read and the writer's drain
 _STORE_DRAIN_CYCLES = 3
 
@@ -154,6 +158,8 @@ def expert_cycles(config, tokens, *, verified=True):
     mem, rows = config.memory, config.array.rows
     P, burst = g.port_bytes, mem.burst_len
     words_per_token = 1 + _ceil(config.model.hidden, 4)
+    pipelined = config.device.pipeline
+    h_wait = _H_WAIT_CYCLES + pipelined * _PIPELINE_H_WAIT_CYCLES
 
     # table DMA (one 32-bit word per token), then the loader command
     table_words = max(1, _ceil(4 * tokens, P))
@@ -207,7 +213,7 @@ def expert_cycles(config, tokens, *, verified=True):
         clock = max(fills[b] + 1, emit_end)
         for _, _, cycles, replays, down in bank:
             if down and first_down:
-                clock = max(clock, last_up_end + _H_WAIT_CYCLES)
+                clock = max(clock, last_up_end + h_wait)
                 first_down = False
             for r in range(replays):
                 in_pass = min(rows, tokens - r * rows)
@@ -220,7 +226,7 @@ def expert_cycles(config, tokens, *, verified=True):
                 last_up_end = clock
         emit_end = clock
         free.append(emit_end)
-    engine_end = emit_end + _ENGINE_DRAIN_CYCLES
+    engine_end = emit_end + _ENGINE_DRAIN_CYCLES + pipelined * _PIPELINE_DRAIN_CYCLES
     command = engine_end + _COMMAND_CYCLES
     roofline = max(_ceil(load_bytes, P), steps)
     return ExpertCycles(command=command, engine=engine_end - run, steps=steps, load_bytes=load_bytes,

@@ -39,7 +39,7 @@ __all__ = [
     "load_config",
 ]
 
-SCHEMA = 3
+SCHEMA = 4
 PRESETS = ("default", "tiny", "ulx3s-85f", "icebreaker")
 _POW2_8_TO_512 = (8, 16, 32, 64, 128, 256, 512)
 
@@ -183,6 +183,10 @@ class DeviceConfig(_Section):
     counters: bool = param(True, choices=(True, False),
                            doc="the counter registers CYCLES..LINK_DROPPED; false leaves them out of the "
                                "register map and the hardware (1,487 UP5K logic cells at commit 72963d4)")
+    pipeline: bool = param(True, choices=(True, False),
+                           doc="register slices between the array, the epilogue and the command processor "
+                               "and a register after the epilogue's activation read, for the clock (three "
+                               "cycles more per expert run); false leaves them out (100 UP5K logic cells)")
 
 
 def _required_acc_bits(act_width, weight_width, products):

@@ -108,6 +108,9 @@ class Epilogue(wiring.Component):
         Bits of activations and of every requantized value, 2..8.
     tag_width : int
         Bits of the caller's tag, carried from ``i`` to ``h`` and ``y`` unchanged, 1..32.
+    pipeline : bool
+        A register between the activation read and the gated multiply (one cycle more on the
+        ``h`` path).
 
     Members
     -------
@@ -127,7 +130,7 @@ class Epilogue(wiring.Component):
         Expert outputs of down rows, in input order.
     """
 
-    def __init__(self, *, cols, hidden, ffn, max_tokens, acc_width=32, act_width=8, tag_width=1):
+    def __init__(self, *, cols, hidden, ffn, max_tokens, acc_width=32, act_width=8, tag_width=1, pipeline=True):
         self.cols = check_int(self, "cols", cols, 1, 64)
         self.hidden = check_int(self, "hidden", hidden, 1, 65535)
         self.ffn = check_int(self, "ffn", ffn, 1, 65535)
@@ -135,6 +138,7 @@ class Epilogue(wiring.Component):
         self.acc_width = check_int(self, "acc_width", acc_width, 8, 32)
         self.act_width = check_int(self, "act_width", act_width, 2, 8)
         self.tag_width = check_int(self, "tag_width", tag_width, 1, 32)
+        self.pipeline = bool(pipeline)
         self.ffn_tiles = -(-ffn // cols)
         self.hidden_tiles = -(-hidden // cols)
         self.param_words = 2 * ffn + hidden + 2 + (1 << act_width) // 4
@@ -258,16 +262,28 @@ class Epilogue(wiring.Component):
             looked_up.append(port.data.as_value().word_select(gate_lanes[lane], aw))
         m.d.comb += [act_write.addr.eq(gate_token), act_write.data.eq(Cat(*looked_up)), act_write.en.eq(gate_valid)]
 
-        # Up: read a (written by this token's gate row), multiply, requantize with the gated factor.
-        # |a * u| <= 2**(aw-1) * qmax < 2**(2*aw-2): u is saturated symmetrically.
+        # Up: read a (written by this token's gate row), with ``pipeline`` register it (the block
+        # RAM's output and its write bypass take most of a cycle), multiply, requantize with the
+        # gated factor. |a * u| <= 2**(aw-1) * qmax < 2**(2*aw-2): u is saturated symmetrically.
         m.submodules.gated = gated = Requantizer(acc_width=2 * aw - 1, out_width=aw, lanes=cols)
         u1_valid = Signal()
         u1_values = Signal.like(requant.o.payload, reset_less=True)
-        gated_acc = Signal(gated.i.payload.acc.shape(), reset_less=True)
         u1_tag = Signal(self.tag_width)
-        u2_valid = Signal()
-        u2_tag = Signal(self.tag_width)
-        u2_free = ~u2_valid | gated.i.ready
+        gated_acc = Signal(gated.i.payload.acc.shape(), reset_less=True)
+        u3_valid = Signal()
+        u3_tag = Signal(self.tag_width)
+        u3_free = ~u3_valid | gated.i.ready
+        if self.pipeline:
+            u2_valid = Signal()
+            u2_values = Signal.like(requant.o.payload, reset_less=True)
+            u2_act = Signal.like(act_read.data, reset_less=True)
+            u2_tag = Signal(self.tag_width)
+            u2_free = ~u2_valid | u3_free
+            with m.If(u2_free):
+                m.d.sync += [u2_valid.eq(u1_valid), u2_values.eq(u1_values), u2_act.eq(act_read.data),
+                             u2_tag.eq(u1_tag)]
+        else:
+            u2_valid, u2_values, u2_act, u2_tag, u2_free = u1_valid, u1_values, act_read.data, u1_tag, u3_free
         m.d.comb += [
             gated_free.eq(~u1_valid | u2_free),
             act_read.addr.eq(out_side.token),
@@ -276,19 +292,19 @@ class Epilogue(wiring.Component):
         with m.If(gated_free):
             m.d.sync += [u1_valid.eq(taken & (out_kind == Projection.UP)), u1_values.eq(requant.o.payload),
                          u1_tag.eq(out_side.tag)]
-        with m.If(u2_free):
-            m.d.sync += [u2_valid.eq(u1_valid), u2_tag.eq(u1_tag)]
+        with m.If(u3_free):
+            m.d.sync += [u3_valid.eq(u2_valid), u3_tag.eq(u2_tag)]
             for lane in range(cols):
-                m.d.sync += gated_acc[lane].eq(act_read.data[lane] * u1_values[lane])
+                m.d.sync += gated_acc[lane].eq(u2_act[lane] * u2_values[lane])
         # the gated factor is constant while a run's rows flow: no copy per beat
         for lane in range(cols):
             m.d.comb += [gated.i.payload.mult[lane].eq(gated_mult), gated.i.payload.shift[lane].eq(gated_shift)]
         m.d.comb += gated.i.payload.acc.eq(gated_acc)
         m.d.comb += [
-            gated.i.valid.eq(u2_valid),
+            gated.i.valid.eq(u3_valid),
             self.h.valid.eq(gated.o.valid),
             self.h.payload.values.eq(gated.o.payload),
-            self.h.payload.tag.eq(_alongside(m, gated, u2_tag, "gated_side")),
+            self.h.payload.tag.eq(_alongside(m, gated, u3_tag, "gated_side")),
             gated.o.ready.eq(self.h.ready),
         ]
         return m

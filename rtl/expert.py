@@ -39,7 +39,7 @@ from ..golden.device import activation_bytes, x_words
 from ..golden.expert import FACTOR_BITS
 from .array import SparseSystolicArray, check_shape, required_acc_bits, step_bits
 from .epilogue import Epilogue, Projection
-from .memory import UNCHECKED, registered_read_port
+from .memory import UNCHECKED, StreamSlice, registered_read_port
 from .params import check_int, reject
 from .requant import SHIFT_BITS
 
@@ -105,6 +105,10 @@ class ExpertEngine(wiring.Component):
         Expert shapes, 1..65535.
     max_tokens : int
         Largest ``T``, 1..65535; sizes the activation and ``h`` buffers.
+    pipeline : bool
+        Register slices (:class:`~moegen.rtl.memory.StreamSlice`) on the array's results and on
+        ``y``, and the epilogue's activation register: no combinational path from ``y.ready``
+        through the epilogue's stall into the array; three cycles more per run.
 
     Members
     -------
@@ -127,12 +131,14 @@ class ExpertEngine(wiring.Component):
         The counters above, 32 bits each.
     """
 
-    def __init__(self, *, rows, cols, m, n, hidden, ffn, max_tokens, act_width=8, weight_width=8, acc_width=32):
+    def __init__(self, *, rows, cols, m, n, hidden, ffn, max_tokens, act_width=8, weight_width=8, acc_width=32,
+                 pipeline=True):
         check_shape(self, rows=rows, cols=cols, m=m, n=n, act_width=act_width, weight_width=weight_width,
                     acc_width=acc_width)
         self.hidden = check_int(self, "hidden", hidden, 1, 65535)
         self.ffn = check_int(self, "ffn", ffn, 1, 65535)
         self.max_tokens = check_int(self, "max_tokens", max_tokens, 1, 65535)
+        self.pipeline = bool(pipeline)
         self.hidden_groups = -(-hidden // n)
         self.ffn_groups = -(-ffn // n)
         products = max(self.hidden_groups, self.ffn_groups) * m
@@ -160,7 +166,8 @@ class ExpertEngine(wiring.Component):
         """The engine of an :class:`~moegen.AccelConfig`."""
         a, model = config.array, config.model
         return cls(rows=a.rows, cols=a.cols, m=a.m, n=a.n, act_width=a.act_width, weight_width=a.weight_width,
-                   acc_width=a.acc_width, hidden=model.hidden, ffn=model.ffn, max_tokens=model.max_tokens)
+                   acc_width=a.acc_width, hidden=model.hidden, ffn=model.ffn, max_tokens=model.max_tokens,
+                   pipeline=config.device.pipeline)
 
     def elaborate(self, platform):
         m = Module()
@@ -193,7 +200,7 @@ class ExpertEngine(wiring.Component):
             acc_width=self.result_width)
         m.submodules.epilogue = epilogue = Epilogue(
             cols=cols, hidden=self.hidden, ffn=self.ffn, max_tokens=self.max_tokens, acc_width=self.result_width,
-            act_width=aw, tag_width=tag.size)
+            act_width=aw, tag_width=tag.size, pipeline=self.pipeline)
         connect(m, wiring.flipped(self.weights), array.w)
 
         tokens = Signal(range(self.max_tokens + 1))
@@ -218,7 +225,14 @@ class ExpertEngine(wiring.Component):
         inputs_done, h_ready = Signal(), Signal()
         self._sequence(m, start, running, tokens, loaded, h_ready, inputs_done, x_buffer, x_width, x_entries,
                        h_buffer, h_width, h_entries, array)
-        self._track_results(m, start, tokens, array, epilogue, tag, h_entries, h_width)
+        # with pipeline the array's results and the outputs pass register slices: the epilogue's
+        # stall (from y.ready through the requantizer's stages) stops at them on both sides
+        results = array.o
+        if self.pipeline:
+            m.submodules.results = results_slice = StreamSlice(array.o.payload.shape())
+            connect(m, array.o, results_slice.i)
+            results = results_slice.o
+        self._track_results(m, start, tokens, results, epilogue, tag, h_entries, h_width)
 
         # h rows into the buffer; the final one releases the down passes.
         h_tag = data.View(tag, epilogue.h.payload.tag)
@@ -233,16 +247,21 @@ class ExpertEngine(wiring.Component):
         with m.If(epilogue.h.valid & h_tag.final):
             m.d.sync += h_ready.eq(1)
 
+        y = self.y
+        if self.pipeline:
+            m.submodules.outputs = outputs = StreamSlice(self.y.payload.shape())
+            connect(m, outputs.o, wiring.flipped(self.y))
+            y = outputs.i
         y_tag = data.View(tag, epilogue.y.payload.tag)
         m.d.comb += [
-            self.y.valid.eq(epilogue.y.valid),
-            epilogue.y.ready.eq(self.y.ready),
-            self.y.payload.values.eq(epilogue.y.payload.values),
-            self.y.payload.token.eq(epilogue.y.payload.token),
-            self.y.payload.channel.eq(epilogue.y.payload.channel),
-            self.y.payload.last.eq(y_tag.final),
+            y.valid.eq(epilogue.y.valid),
+            epilogue.y.ready.eq(y.ready),
+            y.payload.values.eq(epilogue.y.payload.values),
+            y.payload.token.eq(epilogue.y.payload.token),
+            y.payload.channel.eq(epilogue.y.payload.channel),
+            y.payload.last.eq(y_tag.final),
         ]
-        with m.If(self.y.valid & self.y.ready & y_tag.final):
+        with m.If(self.y.valid & self.y.ready & self.y.payload.last):
             m.d.sync += running.eq(0)
 
         # Counters: every cycle of a run is counted once in busy and at most once in the rest.
@@ -386,8 +405,9 @@ class ExpertEngine(wiring.Component):
             m.d.sync += [phase.eq(Projection.GATE), tile.eq(0), base.eq(0), address.eq(0), group.eq(0),
                          entry.eq(0), part.eq(0), finished.eq(0)]
 
-    def _track_results(self, m, start, tokens, array, epilogue, tag, h_entries, h_width):
-        """Label each result row with its projection, token and tile for the epilogue."""
+    def _track_results(self, m, start, tokens, results, epilogue, tag, h_entries, h_width):
+        """Label each result row (the array's ``results`` stream) with its projection, token
+        and tile for the epilogue."""
         rows, cols = self.rows, self.cols
         kind = Signal(Projection)
         tile = Signal(range(max(2, self.ffn_tiles, self.hidden_tiles)))
@@ -395,15 +415,15 @@ class ExpertEngine(wiring.Component):
         h_base = Signal(range(-(-self.max_tokens // rows) * h_entries + 1))
         h_entry = Signal(range(h_entries + 1))
         h_offset = Signal(range(max(2, h_width)))
-        beat = array.o.payload
+        beat = results.payload
         last_token_tile = base + rows >= tokens
         pass_end = beat.last & last_token_tile
         final = Mux(kind == Projection.UP, tile == self.ffn_tiles - 1,
                     (kind == Projection.DOWN) & (tile == self.hidden_tiles - 1)) & pass_end
         labels = data.View(tag, epilogue.i.payload.tag)
         m.d.comb += [
-            epilogue.i.valid.eq(array.o.valid),
-            array.o.ready.eq(epilogue.i.ready),
+            epilogue.i.valid.eq(results.valid),
+            results.ready.eq(epilogue.i.ready),
             epilogue.i.payload.acc.eq(beat.acc),
             epilogue.i.payload.kind.eq(kind),
             epilogue.i.payload.token.eq(base + beat.row),
@@ -413,7 +433,7 @@ class ExpertEngine(wiring.Component):
             labels.offset.eq(h_offset),
             labels.final.eq(final),
         ]
-        with m.If(array.o.valid & array.o.ready & beat.last):
+        with m.If(results.valid & results.ready & beat.last):
             with m.If(last_token_tile):
                 m.d.sync += [base.eq(0), h_base.eq(0)]
                 with m.Switch(kind):

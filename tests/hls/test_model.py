@@ -10,12 +10,14 @@ CYCLE_TOLERANCE = 0.05
 RESOURCE_TOLERANCE = 0.15
 
 #: Sweep variants of the default config: another array shape and sparsity, port width, memory
-#: latency, bank count and size (a Verilator harness build each, about 150 s).
+#: latency, bank count and size, the engine without its register slices (a Verilator harness
+#: build each, about 150 s).
 SWEEP = {
     "sweep-r4c16-14": {"array": {"rows": 4, "cols": 16, "m": 1, "n": 4}, "memory": {"port_width": 32, "latency": 8},
                        "loader": {"banks": 3, "bank_bytes": 4096}},
     "sweep-r8c4-44": {"array": {"rows": 8, "cols": 4, "m": 4, "n": 4}, "memory": {"port_width": 128, "latency": 24},
-                      "loader": {"banks": 2, "bank_bytes": 2048}, "router": {"experts": 16, "lanes": 4}},
+                      "loader": {"banks": 2, "bank_bytes": 2048}, "router": {"experts": 16, "lanes": 4},
+                      "device": {"pipeline": False}},
 }
 
 

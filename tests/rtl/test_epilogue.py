@@ -133,15 +133,16 @@ def simulate(dut, case, *, idle, stall, seed):
     return h, y
 
 
-@pytest.mark.parametrize(("cols", "hidden", "ffn", "tokens", "act_width"), [
-    (2, 4, 6, 3, 8),
-    (3, 7, 5, 4, 8),    # tiles past hidden and ffn: padded lanes have factor 0
-    (1, 2, 3, 2, 4),    # narrow activations: a 16-entry table in 4 words
+@pytest.mark.parametrize(("cols", "hidden", "ffn", "tokens", "act_width", "pipeline"), [
+    (2, 4, 6, 3, 8, True),
+    (2, 4, 6, 3, 8, False),   # no register after the activation read
+    (3, 7, 5, 4, 8, True),    # tiles past hidden and ffn: padded lanes have factor 0
+    (1, 2, 3, 2, 4, False),   # narrow activations: a 16-entry table in 4 words
 ])
-def test_matches_golden_requant_table_and_gated_multiply(cols, hidden, ffn, tokens, act_width):
+def test_matches_golden_requant_table_and_gated_multiply(cols, hidden, ffn, tokens, act_width, pipeline):
     case = Case(cols=cols, hidden=hidden, ffn=ffn, tokens=tokens, act_width=act_width, seed=cols + hidden)
     dut = Epilogue(cols=cols, hidden=hidden, ffn=ffn, max_tokens=tokens, acc_width=24, act_width=act_width,
-                   tag_width=8)
+                   tag_width=8, pipeline=pipeline)
     h, y = simulate(dut, case, idle=0.3, stall=0.4, seed=ffn)
     assert h == case.h
     assert y == case.y

@@ -71,23 +71,25 @@ def simulate(dut, runs, *, idle=0.0, stall=0.0, seed=0, limit=100_000, refuse=()
     return done
 
 
-def engine_and_runs(rows, cols, m, n, hidden, ffn, max_tokens, tokens, act_width=8, weight_width=8, acc_width=32):
+def engine_and_runs(rows, cols, m, n, hidden, ffn, max_tokens, tokens, act_width=8, weight_width=8, acc_width=32,
+                    pipeline=True):
     dut = ExpertEngine(rows=rows, cols=cols, m=m, n=n, hidden=hidden, ffn=ffn, max_tokens=max_tokens,
-                       act_width=act_width, weight_width=weight_width, acc_width=acc_width)
+                       act_width=act_width, weight_width=weight_width, acc_width=acc_width, pipeline=pipeline)
     runs = [ExpertRun(rows=rows, cols=cols, m=m, n=n, hidden=hidden, ffn=ffn, tokens=t, seed=seed,
                       act_width=act_width, weight_width=weight_width) for seed, t in enumerate(tokens)]
     return dut, runs
 
 
-@pytest.mark.parametrize(("array", "shapes", "tokens"), [
-    ((2, 2, 2, 4), (16, 32, 4), [3, 1]),          # the tiny config's engine, T above and below R
-    ((3, 5, 1, 4), (13, 7, 5), [4, 3]),           # odd sizes, hidden and ffn not tile or group multiples
-    ((1, 1, 1, 1), (5, 3, 2), [2]),               # one dense PE
-    ((4, 3, 4, 8), (24, 20, 9), [9]),             # ffn tiles narrower than a group
-    ((3, 2, 2, 2), (10, 9, 7), [5, 7]),           # dense with m = 2, T = max_tokens
+@pytest.mark.parametrize(("array", "shapes", "tokens", "pipeline"), [
+    ((2, 2, 2, 4), (16, 32, 4), [3, 1], True),    # the tiny config's engine, T above and below R
+    ((3, 5, 1, 4), (13, 7, 5), [4, 3], False),    # odd sizes, hidden and ffn not tile or group multiples
+    ((1, 1, 1, 1), (5, 3, 2), [2], False),        # one dense PE, no slices (the icebreaker preset's kind)
+    ((1, 1, 1, 1), (5, 3, 2), [2], True),         # the same with slices
+    ((4, 3, 4, 8), (24, 20, 9), [9], True),       # ffn tiles narrower than a group
+    ((3, 2, 2, 2), (10, 9, 7), [5, 7], True),     # dense with m = 2, T = max_tokens
 ])
-def test_amaranth_sim_matches_golden_with_idle_and_backpressure(array, shapes, tokens):
-    dut, runs = engine_and_runs(*array, *shapes, tokens)
+def test_amaranth_sim_matches_golden_with_idle_and_backpressure(array, shapes, tokens, pipeline):
+    dut, runs = engine_and_runs(*array, *shapes, tokens, pipeline=pipeline)
     for run, (outputs, counters) in zip(runs, simulate(dut, runs, idle=0.3, stall=0.4, seed=len(tokens)),
                                         strict=True):
         assert outputs == run.expected
