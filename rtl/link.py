@@ -201,6 +201,10 @@ class LinkEndpoint(wiring.Component):
             """``nbytes - 1`` at ``count``'s width, for a section of 1..max_payload bytes."""
             return (nbytes[:len(count)] - 1)[:len(count)]
 
+        # the last byte index of a payload (the request's or the response's, both of the header's
+        # length), kept beside the header as it shifts in: no subtraction before a comparison
+        length_last = Signal.like(count)
+
         # the payload: written while a frame arrives, read while it is executed
         buffer_write, buffer_read = unchecked_ram(m, "buffer", shape=8 * B, depth=self.max_payload // B, granularity=8)
         m.d.comb += [
@@ -305,9 +309,13 @@ class LinkEndpoint(wiring.Component):
         request_valid = Signal()
         request = self.mem_read.req.payload
         beats = Signal(range(self.fetch_beats + 1))
+        # whether the FIFO has room for the next burst, a cycle late: in that cycle words only
+        # leave it (a burst's request_valid holds the next issue for a cycle), and ``beats``
+        # only falls as ``fetched`` grows (with nothing reserved there is room for any burst)
+        room = Signal()
+        m.d.sync += room.eq(reserved <= self.fifo_depth - beats)
         issue_csr = fetching & is_csr & (fetched < items) & (reserved < self.fifo_depth)
-        issue_mem = (fetching & is_mem & ~request_valid & (fetched < items)
-                     & (reserved <= self.fifo_depth - beats))
+        issue_mem = fetching & is_mem & ~request_valid & (fetched < items) & room
         csr_returning = Signal()
         pop = Signal()
         # the next burst's beats, a cycle behind ``items`` and ``fetched``: the fetch starts
@@ -334,7 +342,10 @@ class LinkEndpoint(wiring.Component):
         m.d.sync += reserved.eq(reserved + Mux(issue_csr, 1, 0) + Mux(issue_mem, beats, 0) - pop)
 
         # ---- response bytes
-        reads = ~replay & (status == Status.OK) & opcode.matches(Opcode.READ_CSR, Opcode.READ_MEM)
+        # a register: replay and status are set before SEND_HEADER, whose first byte (the sync
+        # byte, and no fetch yet) is the only one sent before it follows them
+        reads = Signal()
+        m.d.sync += reads.eq(~replay & (status == Status.OK) & opcode.matches(Opcode.READ_CSR, Opcode.READ_MEM))
         response_length = Mux(reads, length, 0)
         response_header = Cat(Const(SYNC_RESPONSE, 8), seq, opcode, status, response_length)
         assert len(response_header) == 8 * RESPONSE_HEADER.size
@@ -347,7 +358,7 @@ class LinkEndpoint(wiring.Component):
             with m.State("HUNT"):
                 m.d.comb += [accepting.eq(1), frame_crc.start.eq(take & (byte == SYNC_REQUEST))]
                 with m.If(take):
-                    m.d.sync += header_bits.eq(incoming_bits)
+                    m.d.sync += [header_bits.eq(incoming_bits), length_last.eq(last_index(incoming.length))]
                 with m.If(take & (byte == SYNC_REQUEST)):
                     m.d.sync += count.eq(0)
                     m.next = "HEADER"
@@ -359,7 +370,8 @@ class LinkEndpoint(wiring.Component):
                     m.d.sync += self.dropped.eq(self.dropped + 1)
                     m.next = "HUNT"
                 with m.Elif(take):
-                    m.d.sync += [header_bits.eq(incoming_bits), count.eq(count + 1)]
+                    m.d.sync += [header_bits.eq(incoming_bits), length_last.eq(last_index(incoming.length)),
+                                 count.eq(count + 1)]
                     with m.If(count == REQUEST_HEADER.size - 2):
                         m.d.sync += count.eq(0)
                         with m.If(payload_length > self.max_payload):
@@ -378,7 +390,7 @@ class LinkEndpoint(wiring.Component):
                     m.next = "HUNT"
                 with m.Elif(take):
                     m.d.sync += count.eq(count + 1)
-                    with m.If(count == last_index(length)):
+                    with m.If(count == length_last):
                         m.d.sync += count.eq(0)
                         m.next = "TRAILER"
 
@@ -479,7 +491,7 @@ class LinkEndpoint(wiring.Component):
                 ]
                 with m.If(sent):
                     m.d.sync += [count.eq(count + 1), entry_byte.eq(Mux(entry_byte == entry_last, 0, entry_byte + 1))]
-                    with m.If(count == last_index(response_length)):
+                    with m.If(count == length_last):  # a response with a payload: its length is the request's
                         m.d.sync += count.eq(0)
                         m.next = "SEND_CRC"
 

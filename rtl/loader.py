@@ -376,18 +376,22 @@ class ImageChecker(wiring.Component):
                         for k in range(EXPERT_WIDTH // 8))
         bad = {code: Signal(name=f"bad_{code.name.lower()}") for code, _ in expected.values()}
         payload_crc = Signal(32)  # the header's payload CRC-32 field, kept for the verify pass
-        # the header word arriving now: the bytes it must hold, per code the bytes it checks
-        # (a mask), and per byte whether it differs from the one it must hold
+        # the header word in ``word``: the bytes it must hold, per code the bytes it checks (a
+        # mask), both registered beside the word as it comes from memory, and per byte whether
+        # it differs from the one it must hold
         must = Signal(8 * P)
         checks = {code: Signal(P, name=f"checks_{code.name.lower()}") for code in bad}
         differs = Cat(word.word_select(j, 8) != must.word_select(j, 8) for j in range(P))
 
-        def header_word(i):
-            """``must`` and ``checks`` while header word ``i`` arrives (unchecked bytes: 0, in
-            no mask); keeps its bytes of the payload CRC-32 field."""
+        def expect_word(i):
+            """``must`` and ``checks`` for header word ``i``, loaded as it comes from memory
+            (unchecked bytes: 0, in no mask)."""
             lanes = [expected.get(i * P + j, (None, Const(0, 8))) for j in range(P)]
-            m.d.comb += must.eq(Cat(value for _, value in lanes))
-            m.d.comb += [mask.eq(Cat(c == code for c, _ in lanes)) for code, mask in checks.items()]
+            m.d.sync += must.eq(Cat(value for _, value in lanes))
+            m.d.sync += [mask.eq(Cat(c == code for c, _ in lanes)) for code, mask in checks.items()]
+
+        def header_word(i):
+            """Keep header word ``i``'s bytes of the payload CRC-32 field."""
             for j in range(P):
                 at = i * P + j - _PAYLOAD_CRC_AT
                 if 0 <= at < 4:
@@ -425,7 +429,13 @@ class ImageChecker(wiring.Component):
                         m.d.sync += read(Cat(Const(0, block_shift), self.cmd.payload.addr[6:]), g.header_beats)
                         m.next = "HEADER"
             with m.State("HEADER"):
-                # the word's index in the header is header_beats - to_receive
+                # the word's index in the header is header_beats - to_receive; the one coming
+                # from memory is checked in the next cycle, when to_receive will have counted
+                # the word checked in this one
+                with m.If(self.mem.data.valid), m.Switch(to_receive - beat):
+                    for i in range(g.header_beats):
+                        with m.Case(g.header_beats - i):
+                            expect_word(i)
                 with m.If(beat):
                     with m.Switch(to_receive):
                         for i in range(g.header_beats):
