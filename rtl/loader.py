@@ -332,21 +332,25 @@ class ImageChecker(wiring.Component):
         # verified images: block addresses whose payload passed, forgotten when written
         cur = Signal(checked_layout(g.addr_width, g.tokens_width))  # the command (its code unused)
         block = cur.block
-        # a write is seen a cycle after it lands (a register between the memory's write port
-        # and the comparators); in that cycle it already counts against a lookup (``hit``),
-        # and an image inserted as it lands is forgotten the next cycle
-        written_valid = Signal()
-        written_block = Signal(len(block))
-        m.d.sync += [written_valid.eq(self.written.valid), written_block.eq(self.written.addr[block_shift:])]
+        # a write is compared with the current image and the verified ones as it lands, and the
+        # answers are registered: it counts a cycle after it lands, against the image (or the
+        # entries) of that cycle, so the comparison is made with their next values; in that
+        # cycle it already counts against a lookup (``hit``), and an image inserted as it
+        # lands is forgotten the next cycle
+        landing = self.written.addr[block_shift:]
 
-        def touches(start):
-            """The write seen this cycle lands inside the image that starts at block ``start``,
-            an image that fits in memory (else the answer is never used): the difference wraps
+        def lands_in(start):
+            """The write landing now falls inside the image that starts at block ``start``, an
+            image that fits in memory (else the answer is never used): the difference wraps
             modulo 2**len(block) for a write below ``start``, to at least ``image_blocks``."""
-            return written_valid & ((written_block - start)[:len(block)] < image_blocks)
+            return self.written.valid & ((landing - start)[:len(block)] < image_blocks)
 
+        next_block = Signal.like(block)  # the current image's block in the next cycle
+        m.d.comb += next_block.eq(block)
+        touched_block = Signal()  # the write seen now lands inside the current image
+        m.d.sync += touched_block.eq(lands_in(next_block))
         dirty = Signal()  # the current image was written while it was checked
-        with m.If(touches(block)):
+        with m.If(touched_block):
             m.d.sync += dirty.eq(1)
         insert = Signal()
         hit = Signal()
@@ -354,9 +358,11 @@ class ImageChecker(wiring.Component):
             known = [Signal(len(block), name=f"verified{i}") for i in range(g.verified_images)]
             known_valid = [Signal(name=f"verified{i}_valid") for i in range(g.verified_images)]
             insert_at = Signal(range(max(g.verified_images, 2)))
-            touched = [touches(entry) for entry in known]
+            touched = [Signal(name=f"verified{i}_touched") for i in range(g.verified_images)]
             for i, (entry, valid) in enumerate(zip(known, known_valid, strict=True)):
-                with m.If(insert & (insert_at == i)):
+                inserting = insert & (insert_at == i)
+                m.d.sync += touched[i].eq(lands_in(Mux(inserting, block, entry)))
+                with m.If(inserting):
                     m.d.sync += [entry.eq(block), valid.eq(1)]
                 with m.Elif(touched[i]):
                     m.d.sync += valid.eq(0)
@@ -381,6 +387,7 @@ class ImageChecker(wiring.Component):
         # it differs from the one it must hold
         must = Signal(8 * P)
         checks = {code: Signal(P, name=f"checks_{code.name.lower()}") for code in bad}
+        arriving = Signal(range(g.header_beats + 1))  # header words that came from memory
         differs = Cat(word.word_select(j, 8) != must.word_select(j, 8) for j in range(P))
 
         def expect_word(i):
@@ -419,6 +426,7 @@ class ImageChecker(wiring.Component):
             with m.State("IDLE"):
                 m.d.comb += self.cmd.ready.eq(1)
                 with m.If(self.cmd.valid):
+                    m.d.comb += next_block.eq(self.cmd.payload.addr[6:])
                     m.d.sync += [cur.block.eq(self.cmd.payload.addr[6:]), cur.expert.eq(self.cmd.payload.expert),
                                  cur.tokens.eq(self.cmd.payload.tokens), dirty.eq(0), error.eq(0)]
                     m.d.sync += [flag.eq(0) for flag in bad.values()]
@@ -427,15 +435,17 @@ class ImageChecker(wiring.Component):
                         m.next = "HANDOFF"
                     with m.Else():
                         m.d.sync += read(Cat(Const(0, block_shift), self.cmd.payload.addr[6:]), g.header_beats)
+                        m.d.sync += arriving.eq(0)
                         m.next = "HEADER"
             with m.State("HEADER"):
                 # the word's index in the header is header_beats - to_receive; the one coming
-                # from memory is checked in the next cycle, when to_receive will have counted
-                # the word checked in this one
-                with m.If(self.mem.data.valid), m.Switch(to_receive - beat):
-                    for i in range(g.header_beats):
-                        with m.Case(g.header_beats - i):
-                            expect_word(i)
+                # from memory (``arriving`` of them came before it) is checked in the next cycle
+                with m.If(self.mem.data.valid):
+                    m.d.sync += arriving.eq(arriving + 1)
+                    with m.Switch(arriving):
+                        for i in range(g.header_beats):
+                            with m.Case(i):
+                                expect_word(i)
                 with m.If(beat):
                     with m.Switch(to_receive):
                         for i in range(g.header_beats):
@@ -456,7 +466,7 @@ class ImageChecker(wiring.Component):
                         m.next = "VERIFY"
             with m.State("VERIFY"), m.If(received):
                 with m.If(checksum.crc == payload_crc):
-                    m.d.comb += insert.eq(~dirty & ~touches(block))
+                    m.d.comb += insert.eq(~dirty & ~touched_block)
                 with m.Else():
                     m.d.sync += error.eq(ImageErrorCode.BAD_PAYLOAD_CRC)
                 m.next = "HANDOFF"
