@@ -25,7 +25,6 @@ from amaranth.lib.wiring import In, Out
 from .params import check_int, reject
 
 __all__ = [
-    "BANK_BYTES",
     "PORT_WIDTHS",
     "SPRAM_BYTES",
     "SPRAM_COUNT",
@@ -47,9 +46,6 @@ __all__ = [
     "written_signature",
 ]
 
-#: Bytes per bank of a :class:`BlockRAMMemory` (16 KiB: eight ECP5 DP16KD, 2048 x 9 bits each
-#: at a 64-bit port).
-BANK_BYTES = 16384
 #: The fewest cycles from an accepted request to its first word: the request queue's
 #: register, the word address register, the block RAM's registered read and the word register.
 MIN_LATENCY = 4
@@ -302,7 +298,7 @@ class _BurstMemory(wiring.Component):
     """Storage, write port and in-order burst reads; the subclasses choose the timing."""
 
     def __init__(self, *, size_bytes, port_width, burst_len, outstanding, latency, jitter, bandwidth, seed,
-                 external=False, single_port=None, bank_words=None):
+                 external=False, single_port=None):
         self.size_bytes = size_bytes
         self.port_width = port_width
         self.burst_len = burst_len
@@ -321,16 +317,9 @@ class _BurstMemory(wiring.Component):
         #: One :class:`SinglePortRAM` holds the words (reads wait while a word is written), or
         #: ``None``: a simple dual-port RAM does.
         self.single_port = single_port
-        #: Words per bank of block RAM (a power of two), or ``None``: one RAM, one address
-        #: register. Each bank has its own address register, loaded only for its words, so no
-        #: net fans out to every block RAM of a large memory.
-        self.bank_words = bank_words if bank_words and bank_words < self.words else None
         #: The words (a simulator or a testbench may read and preload them); ``None`` when
-        #: ``external`` (the Verilog module :data:`EXTERNAL_RAM` holds them), single-port or
-        #: in banks.
-        self.storage = None
-        if not (external or single_port or self.bank_words):
-            self.storage = Memory(shape=self.port_width, depth=self.words, init=[])
+        #: ``external`` (the Verilog module :data:`EXTERNAL_RAM` holds them) or single-port.
+        self.storage = None if external or single_port else Memory(shape=self.port_width, depth=self.words, init=[])
 
     def elaborate(self, platform):
         m = Module()
@@ -339,17 +328,12 @@ class _BurstMemory(wiring.Component):
             write = SimpleNamespace(addr=Signal(self.addr_width), data=ram.w_data, en=ram.w_en)
             read = SimpleNamespace(addr=Signal(self.addr_width), data=ram.r_data, en=Signal())
             m.d.comb += [ram.addr.eq(Mux(write.en, write.addr, read.addr)), ram.r_en.eq(read.en)]
-        elif self.bank_words:
-            write, read, load_read_addr = self._banks(m)
         elif self.storage is None:
             write, read = _external_ram(m, self.addr_width, self.port_width, self.words)
         else:
             m.submodules.storage = storage = self.storage
             write = storage.write_port()
             read = storage.read_port()
-        if not self.bank_words:
-            def load_read_addr(value):
-                m.d.sync += read.addr.eq(value)
 
         m.d.comb += [
             self.write.ready.eq(1),
@@ -428,11 +412,8 @@ class _BurstMemory(wiring.Component):
             self.read.data.valid.eq(out_valid),
             self.read.data.payload.eq(out_word),
         ]
-        next_addr = Signal(self.addr_width)
-        m.d.comb += next_addr.eq(head.addr + beat)
         with m.If(spend):
-            load_read_addr(next_addr)
-            m.d.sync += addr_valid.eq(1)
+            m.d.sync += [read.addr.eq(head.addr + beat), addr_valid.eq(1)]
             with m.If(beat == head.beats - 1):
                 m.d.comb += queue.r_en.eq(1)
                 m.d.sync += beat.eq(0)
@@ -447,56 +428,13 @@ class _BurstMemory(wiring.Component):
         return m
 
 
-    def _banks(self, m):
-        """The storage as banks of ``bank_words`` words: a write port like one RAM's (``addr``,
-        ``data``, ``en``), a read port with ``data`` and ``en``, and the function that loads
-        its read address (``m.d.sync`` statements under the caller's condition): each bank's
-        own register, loaded only for an address in that bank (distinct conditions keep
-        synthesis from merging them), and the bank's number for the word multiplexer."""
-        low = (self.bank_words - 1).bit_length()
-        count = -(-self.words // self.bank_words)
-        write = SimpleNamespace(addr=Signal(self.addr_width), data=Signal(self.port_width), en=Signal())
-        read = SimpleNamespace(data=Signal(self.port_width), en=Signal())
-        addr_bank = Signal(range(count))  # the bank of the address registered
-        read_bank = Signal(range(count))  # the bank of the word being read
-        addrs, datas = [], []
-        for b in range(count):
-            bank = Memory(shape=self.port_width, depth=min(self.bank_words, self.words - b * self.bank_words),
-                          init=[])
-            m.submodules[f"bank{b}"] = bank
-            bank_write, bank_read = bank.write_port(), bank.read_port()
-            addr = Signal(low, name=f"bank{b}_addr")
-            m.d.comb += [
-                bank_write.addr.eq(write.addr[:low]),
-                bank_write.data.eq(write.data),
-                bank_write.en.eq(write.en & (write.addr[low:] == b)),
-                bank_read.addr.eq(addr),
-                bank_read.en.eq(read.en),
-            ]
-            addrs.append(addr)
-            datas.append(bank_read.data)
-        with m.If(read.en):
-            m.d.sync += read_bank.eq(addr_bank)
-        m.d.comb += read.data.eq(Array(datas)[read_bank])
-
-        def load(value):
-            m.d.sync += addr_bank.eq(value[low:])
-            for b, addr in enumerate(addrs):
-                with m.If(value[low:] == b):
-                    m.d.sync += addr.eq(value[:low])
-        return write, read, load
-
-
 class BlockRAMMemory(_BurstMemory):
     """Device memory in block RAM, for boards whose images fit on chip.
 
-    Simple dual-port RAM of ``port_width``-bit words: the write port is the host's, the read
-    port serves bursts in order at one word per cycle. The first word of a burst comes
+    One simple dual-port RAM of ``port_width``-bit words: the write port is the host's, the
+    read port serves bursts in order at one word per cycle. The first word of a burst comes
     :data:`MIN_LATENCY` cycles after its request is accepted (when the previous burst is done);
-    a stalled ``data`` stream holds the word and the memory. A memory larger than
-    ``bank_bytes`` is split into banks of that size, each with its own read address
-    register (an ECP5 bank is eight DP16KD; one address register for the 64 of 128 KiB took
-    18 ns of routing to the farthest one).
+    a stalled ``data`` stream holds the word and the memory.
 
     Parameters
     ----------
@@ -508,8 +446,6 @@ class BlockRAMMemory(_BurstMemory):
         Largest burst in words, 1..256.
     outstanding : int
         Requests queued or being served at once, 1..16.
-    bank_bytes : int
-        Bytes per bank, a power of two of at least the port's bytes.
 
     Members
     -------
@@ -521,14 +457,10 @@ class BlockRAMMemory(_BurstMemory):
         The word address of every accepted write, in the cycle it is written.
     """
 
-    def __init__(self, *, size_bytes, port_width, burst_len=16, outstanding=2, bank_bytes=BANK_BYTES):
+    def __init__(self, *, size_bytes, port_width, burst_len=16, outstanding=2):
         _check_geometry(self, size_bytes, port_width, burst_len, outstanding)
-        check_int(self, "bank_bytes", bank_bytes, port_width // 8, 1 << 30)
-        if bank_bytes & (bank_bytes - 1):
-            reject(self, f"bank_bytes must be a power of two, not {bank_bytes}")
         super().__init__(size_bytes=size_bytes, port_width=port_width, burst_len=burst_len, outstanding=outstanding,
-                         latency=MIN_LATENCY, jitter=0, bandwidth=Fraction(1), seed=1,
-                         bank_words=bank_bytes // (port_width // 8))
+                         latency=MIN_LATENCY, jitter=0, bandwidth=Fraction(1), seed=1)
 
     @classmethod
     def from_config(cls, config):

@@ -13,7 +13,6 @@ from amaranth.sim import Simulator
 from moegen.boards.synth import synthesize
 from moegen.formal import assert_stream_output, assume_stream_input, free, reset_at_start, run_bmc
 from moegen.rtl.memory import (
-    BANK_BYTES,
     MIN_LATENCY,
     BlockFIFO,
     BlockRAMMemory,
@@ -105,10 +104,8 @@ def test_latency_below_the_block_ram_floor_behaves_as_the_floor():
     assert dut.latency == MIN_LATENCY
 
 
-@pytest.mark.parametrize("bank_bytes", [BANK_BYTES, 128, 256])
-def test_block_ram_memory_streams_queued_bursts_without_bubbles(bank_bytes):
-    """One RAM, then four and two banks: bursts that cross a bank's end come out whole."""
-    dut = BlockRAMMemory(size_bytes=512, port_width=64, burst_len=8, outstanding=4, bank_bytes=bank_bytes)
+def test_block_ram_memory_streams_queued_bursts_without_bubbles():
+    dut = BlockRAMMemory(size_bytes=512, port_width=64, burst_len=8, outstanding=4)
     requests = [(0, 8), (20, 3), (9, 8), (63, 1), (30, 5)]
     accepted, beats, notices = _run_memory(dut, requests, cycles=300)
     assert notices == list(range(64))
@@ -148,8 +145,6 @@ def test_jitter_draws_latencies_in_range_and_backpressure_holds_words():
     ({"size_bytes": 100}, r"size_bytes must be a multiple of the port's 8 bytes, not 100"),
     ({"burst_len": 300}, r"burst_len must be an integer in 1\.\.256, not 300"),
     ({"outstanding": 0}, r"outstanding must be an integer in 1\.\.16, not 0"),
-    ({"bank_bytes": 96}, r"bank_bytes must be a power of two, not 96"),
-    ({"bank_bytes": 4}, r"bank_bytes must be an integer in 8\.\.1073741824, not 4"),
 ])
 def test_bad_memory_geometry_is_named(kwargs, match):
     params = {"size_bytes": 1024, "port_width": 64, **kwargs}
