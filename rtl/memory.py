@@ -40,6 +40,7 @@ __all__ = [
     "burst_read_signature",
     "check_port_width",
     "registered_read_port",
+    "stream_through",
     "unchecked_ram",
     "word_addr_width",
     "write_layout",
@@ -145,15 +146,21 @@ class StreamSlice(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         m.submodules.fifo = fifo = ShiftFIFO(width=Shape.cast(self.shape).width, depth=2)
-        m.d.comb += [
-            fifo.w_en.eq(self.i.valid),
-            fifo.w_data.eq(self.i.payload),
-            self.i.ready.eq(fifo.w_rdy),
-            self.o.valid.eq(fifo.r_rdy),
-            self.o.payload.eq(fifo.r_data),
-            fifo.r_en.eq(self.o.ready),
-        ]
+        stream_through(m, fifo, self.i, self.o)
         return m
+
+
+def stream_through(m, fifo, source, sink):
+    """Connect stream ``source`` to stream ``sink`` through ``fifo`` (the ports of a
+    :class:`~amaranth.lib.fifo.SyncFIFO`)."""
+    m.d.comb += [
+        fifo.w_en.eq(source.valid),
+        fifo.w_data.eq(source.payload),
+        source.ready.eq(fifo.w_rdy),
+        sink.valid.eq(fifo.r_rdy),
+        sink.payload.eq(fifo.r_data),
+        fifo.r_en.eq(sink.ready),
+    ]
 
 
 class BlockFIFO(SyncFIFOBuffered):

@@ -20,7 +20,7 @@ from amaranth.lib import stream, wiring
 from amaranth.lib.cdc import FFSynchronizer
 from amaranth.lib.wiring import In, Out, connect, flipped
 
-from .memory import BlockFIFO
+from .memory import BlockFIFO, stream_through
 from .params import check_int
 
 __all__ = ["MAX_BAUD_ERROR", "MIN_DIVISOR", "UARTBridge", "UARTReceiver", "UARTTransmitter", "pins_signature",
@@ -226,15 +226,10 @@ class UARTBridge(wiring.Component):
         m.submodules.receiver = receiver = UARTReceiver(divisor=self.divisor)
         m.submodules.transmitter = transmitter = UARTTransmitter(divisor=self.divisor)
         m.submodules.fifo = fifo = BlockFIFO(width=8, depth=self.fifo_depth)
+        stream_through(m, fifo, receiver.o, self.rx)
         m.d.comb += [
             receiver.rx.eq(self.pins.rx),
             self.pins.tx.eq(transmitter.tx),
-            fifo.w_data.eq(receiver.o.payload),
-            fifo.w_en.eq(receiver.o.valid),
-            receiver.o.ready.eq(fifo.w_rdy),
-            self.rx.payload.eq(fifo.r_data),
-            self.rx.valid.eq(fifo.r_rdy),
-            fifo.r_en.eq(self.rx.ready),
             self.framing_error.eq(receiver.framing_error),
             self.overrun.eq(receiver.overrun),
         ]
