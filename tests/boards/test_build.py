@@ -105,6 +105,15 @@ def test_board_top_puts_the_bridge_on_the_uart_pins(board):
         assert "SB_PLL40_PAD" in files["top.il"] and "set_frequency" in constraints
 
 
+@pytest.mark.parametrize(("board", "synth"), [("ulx3s-85f", "synth_ecp5 -top top"),
+                                               ("icebreaker", "synth_ice40 -dsp -dff -top top -device u")])
+def test_synthesis_maps_for_the_boards_device(tmp_path, board, synth):
+    """ABC9 weighs paths by the delays of the part: the UP5K's, not synth_ice40's default HX."""
+    build_bitstream(load_config("tiny"), board, out=tmp_path, stop_after="elaborate", progress=lambda line: None)
+    script = (tmp_path / "synth.ys").read_text().splitlines()
+    assert script[1:4] == [f"{synth} -run :map_luts", "splitnets", f"{synth} -run map_luts:"]
+
+
 def test_rtlil_names_its_python_sources_relative_to_the_checkout_and_the_packages(tmp_path):
     """Yosys' LUT mapping depends on the ``src`` strings, so a checkout's absolute paths would
     make one commit synthesize differently in every folder (tiny: 14,351 to 15,858 LUTs)."""
