@@ -82,7 +82,7 @@ _NEXTPNR = {
 }
 #: synthesis options of a device: synth_ice40 maps for the delays of the HX parts unless told
 #: another (ABC9's LUT mapping weighs the paths by them)
-_SYNTH_OPTIONS = {"iCE40UP5K": " -device u"}
+_SYNTH_OPTIONS = {"iCE40UP5K": "-device u"}
 #: nextpnr's cell types, counted as the report's resources (iCE40 logic cells hold a LUT and a FF).
 _PNR_RESOURCES = {
     "ecp5": {"luts": "TRELLIS_COMB", "ffs": "TRELLIS_FF", "dsps": "MULT18X18D", "brams": "DP16KD"},
@@ -252,7 +252,7 @@ def _run(args, work, log, timeout_s):
 def _synth_script(spec):
     """The yosys script: read, synthesize (``splitnets`` before LUT mapping, see the module
     docstring), count, write the netlist for nextpnr."""
-    synth = FAMILIES[spec.family]["script"].format(top="top") + _SYNTH_OPTIONS.get(spec.device, "")
+    synth = " ".join(filter(None, [FAMILIES[spec.family]["script"].format(top="top"), _SYNTH_OPTIONS.get(spec.device)]))
     return (f"read_rtlil top.il\n{synth} -run :map_luts\nsplitnets\n{synth} -run map_luts:\n"
             "tee -q -o stat.json stat -json\nwrite_json top.json\n")
 
