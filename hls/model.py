@@ -5,8 +5,10 @@ Cycle model (checked against the Verilator harness by :func:`cycle_errors`, in
 
 * **Memory**: a burst of ``b`` port words issued at ``t`` delivers its first word ``latency``
   cycles later (at least ``MIN_LATENCY``, 4, ``SimulatedMemory``), then one word per cycle, in
-  order; the memory queues ``outstanding`` requests and the arbiters keep one burst more in
-  flight. :func:`burst_schedule` runs that recurrence.
+  order; the memory queues ``outstanding`` requests, the command processor's requests pass a
+  register slice first (one every other cycle where a burst is longer than a word,
+  :func:`request_spacing`) and the arbiters keep a burst more in flight for each.
+  :func:`burst_schedule` runs that recurrence.
 * **RUN_EXPERT** (``rtl/top.py``): the table DMA, the loader's header check, on the first use
   of an image its *verify pass* (the whole payload, one burst at a time), then the stream
   pass: params and table words, then the tiles in engine order into a ring of ``banks``
@@ -20,8 +22,9 @@ Cycle model (checked against the Verilator harness by :func:`cycle_errors`, in
 * **ROUTE**: ``ceil(E / P)`` cycles per token plus the router's latency and the DMA.
 
 The constants (``_*_CYCLES``) are the fixed costs of states and pipelines, fitted to the
-harness by a grid search over the configs of the tests (tiny, default and two sweep variants,
-1..max_tokens tokens, cold and warm): largest error 4.3% (tiny's engine cycles). Resource
+harness over the configs of the tests (tiny, default and the :data:`CYCLE_SWEEP` variants,
+1..max_tokens tokens, cold and warm; ``python -m moegen.hls.calibrate`` measures the calls
+and searches the constants): largest error 2.6% (sweep-r8c4-44's one-token call). Resource
 model: :func:`resources`, its coefficients from yosys synthesis (see ``RESOURCE_FITS``).
 """
 
@@ -32,6 +35,7 @@ from ..rtl.loader import LoaderGeometry
 from ..rtl.memory import MIN_LATENCY
 
 __all__ = [
+    "CYCLE_SWEEP",
     "ExpertCycles",
     "burst_schedule",
     "call_cycles",
@@ -39,31 +43,34 @@ __all__ = [
     "expert_cycles",
     "layer_cycles",
     "point_config",
+    "request_spacing",
     "resources",
     "route_cycles",
     "simulated_calls",
+    "sweep_config",
     "synthesize_points",
     "tokens_per_second",
 ]
 
 # -- fixed costs in cycles, fitted to the harness (tests/hls/test_model.py) ---------------------
-#: request register, the device's request FIFO and the memory's queue between the loader's
-#: request and the memory's latency count
+#: request register, the request slice, the device's request FIFO and the memory's queue
+#: between the loader's request and the memory's latency count, as fitted
 _MEM_ISSUE_CYCLES = 2
 #: a burst leaves the memory's queue this many cycles before its last word is delivered (the
 #: address register, the registered read and the word register), so the next request may
-#: enter then; the burst arbiters keep one more burst in flight than the memory queues
+#: enter then (a cycle later for the request slice before it); the burst arbiters keep a burst
+#: more in flight than the memory queues for each register it passes
 _QUEUE_FREE_LEAD = MIN_LATENCY - 1
 #: a command's DECODE, CHECK and DONE states, as fitted to the harness (FETCH is not busy)
 _COMMAND_CYCLES = 2
 #: header burst to checked command: CRC of the header, field checks, hand-over to the streamer
-_HEADER_CHECK_CYCLES = 7
+_HEADER_CHECK_CYCLES = 8
 #: the verify pass streams at one port word per cycle; this is its start and CRC check
-_VERIFY_CYCLES = 9
+_VERIFY_CYCLES = 10
 #: first params word to the engine's run beat and the x DMA's first word
 _RUN_START_CYCLES = 2
 #: last array step to the last ``y`` beat: array drain (rows), epilogue pipeline, accumulator
-_ENGINE_DRAIN_CYCLES = 8
+_ENGINE_DRAIN_CYCLES = 9
 #: last up step to the first down step: the epilogue writes the last h rows
 _H_WAIT_CYCLES = 8
 #: with ``device.pipeline``: the result and output slices (both paths), the activation register
@@ -78,24 +85,33 @@ def _ceil(a, b):
     return -(-a // b)
 
 
-def burst_schedule(jobs, *, latency, outstanding, start=0, ready=None):
+def request_spacing(memory):
+    """Fewest cycles between two of the loader's requests: the command processor's one-entry
+    request slice (``rtl/top.py``, where a burst is longer than a word) passes one every
+    other cycle."""
+    return 2 if memory.burst_len > 1 else 1
+
+
+def burst_schedule(jobs, *, latency, outstanding, start=0, ready=None, spacing=1):
     """Word-arrival times of a sequence of read jobs on one memory port.
 
     ``jobs`` is a list of burst-length lists (one per job); ``ready[j]`` is the earliest cycle
-    job ``j``'s first burst may be issued (a bank that must be free first). Returns the cycle
-    each job's last word arrives and the cycle its first word arrives.
+    job ``j``'s first burst may be issued (a bank that must be free first); ``spacing`` the
+    fewest cycles between two requests (:func:`request_spacing`). Returns the cycle each job's
+    last word arrives and the cycle its first word arrives.
     """
     latency = max(MIN_LATENCY, latency)
     ends, firsts = [], []
     done = []  # end cycle of every burst so far
-    issue = start - 1
+    issue = start - spacing
     data_end = start
     for j, bursts in enumerate(jobs):
         first = None
         for length in bursts:
-            issue = max(issue + 1, (ready[j] if ready else start))
+            issue = max(issue + spacing, (ready[j] if ready else start))
             if len(done) >= outstanding:
-                issue = max(issue, done[-outstanding] - _QUEUE_FREE_LEAD)
+                # the request waits in the slice before the memory's queue: one cycle more
+                issue = max(issue, done[-outstanding] - _QUEUE_FREE_LEAD - 1)
             if len(done) > outstanding:
                 issue = max(issue, done[-outstanding - 1])
             begin = max(issue + latency + _MEM_ISSUE_CYCLES - 1, data_end)
@@ -157,20 +173,23 @@ def expert_cycles(config, tokens, *, verified=True):
     g = LoaderGeometry.from_config(config)
     mem, rows = config.memory, config.array.rows
     P, burst = g.port_bytes, mem.burst_len
+    spacing = request_spacing(mem)
     words_per_token = 1 + _ceil(config.model.hidden, 4)
     pipelined = config.device.pipeline
     h_wait = _H_WAIT_CYCLES + pipelined * _PIPELINE_H_WAIT_CYCLES
 
     # table DMA (one 32-bit word per token), then the loader command
     table_words = max(1, _ceil(4 * tokens, P))
-    table_end, _ = burst_schedule([_bursts(table_words, burst)], latency=mem.latency, outstanding=1, start=2)
+    table_end, _ = burst_schedule([_bursts(table_words, burst)], latency=mem.latency, outstanding=1, start=2,
+                                  spacing=spacing)
     t = table_end[0] + 1
-    header_end, _ = burst_schedule([_bursts(g.header_beats, burst)], latency=mem.latency, outstanding=1, start=t)
+    header_end, _ = burst_schedule([_bursts(g.header_beats, burst)], latency=mem.latency, outstanding=1, start=t,
+                                   spacing=spacing)
     t = header_end[0] + _HEADER_CHECK_CYCLES
     load_bytes = HEADER_SIZE + g.stream_bytes(tokens)
     if not verified:
         ends, _ = burst_schedule([_bursts(g.verify_beats, burst)], latency=mem.latency,
-                                 outstanding=mem.outstanding, start=t)
+                                 outstanding=mem.outstanding, start=t, spacing=spacing)
         t = ends[0] + _VERIFY_CYCLES
         load_bytes += g.verify_beats * P
 
@@ -185,7 +204,8 @@ def expert_cycles(config, tokens, *, verified=True):
         banks[-1].append(tile)
         used += tile[1]
     segments = [_bursts(beats, burst) for beats in g.segment_beats]
-    seg_end, seg_first = burst_schedule(segments, latency=mem.latency, outstanding=mem.outstanding, start=t)
+    seg_end, seg_first = burst_schedule(segments, latency=mem.latency, outstanding=mem.outstanding, start=t,
+                                        spacing=spacing)
     run = seg_first[0] + _RUN_START_CYCLES  # the engine's run beat
     lead = max(MIN_LATENCY, mem.latency)
     fills = []  # cycle each bank's last word arrives
@@ -194,7 +214,7 @@ def expert_cycles(config, tokens, *, verified=True):
     def fill(b, ready):
         start = fills[-1] - lead if fills else seg_end[-1] - lead
         ends, _ = burst_schedule([_bursts(tile[0], burst) for tile in banks[b]], latency=mem.latency,
-                                 outstanding=mem.outstanding, start=max(start, ready))
+                                 outstanding=mem.outstanding, start=max(start, ready), spacing=spacing)
         fills.append(ends[-1])
 
     ring = min(config.loader.banks, len(banks))
@@ -391,14 +411,35 @@ def _features(config):
     }
 
 
-def point_config(overrides):
-    """The default config with ``overrides`` (``{section: {field: value}}``), as :data:`ECP5_POINTS` gives them."""
+def point_config(overrides, name=None):
+    """The default config with ``overrides`` (``{section: {field: value}}``), as :data:`ECP5_POINTS`
+    and :data:`CYCLE_SWEEP` give them; ``name`` replaces its name."""
     from ..config import AccelConfig, load_config
 
     data = load_config("default").to_dict()
     for section, values in overrides.items():
         data[section].update(values)
+    if name is not None:
+        data["name"] = name
     return AccelConfig.from_dict(data)
+
+
+#: Sweep variants of the default config the cycle model is checked and fitted on, besides the
+#: tiny and default presets (``tests/hls/test_model.py``, :mod:`moegen.hls.calibrate`): another
+#: array shape and sparsity, port width, memory latency, bank count and size, the engine
+#: without its register slices (a Verilator harness build each, about 150 s).
+CYCLE_SWEEP = {
+    "sweep-r4c16-14": {"array": {"rows": 4, "cols": 16, "m": 1, "n": 4}, "memory": {"port_width": 32, "latency": 8},
+                       "loader": {"banks": 3, "bank_bytes": 4096}},
+    "sweep-r8c4-44": {"array": {"rows": 8, "cols": 4, "m": 4, "n": 4}, "memory": {"port_width": 128, "latency": 24},
+                      "loader": {"banks": 2, "bank_bytes": 2048}, "router": {"experts": 16, "lanes": 4},
+                      "device": {"pipeline": False}},
+}
+
+
+def sweep_config(name):
+    """The :data:`CYCLE_SWEEP` variant ``name``."""
+    return point_config(CYCLE_SWEEP[name], name=name)
 
 
 def _fit():

@@ -44,6 +44,7 @@ from amaranth.lib.wiring import In, Out
 from ..golden.formats import HEADER_SIZE, IMAGE_ALIGN, ImageLayout
 from ..golden.image import MAGIC, VERSION, ImageErrorCode
 from .memory import (
+    MAX_OUTSTANDING,
     PORT_WIDTHS,
     BlockFIFO,
     BurstArbiter,
@@ -162,7 +163,7 @@ class LoaderGeometry:
             raise ValueError(f"port_width must be one of {', '.join(map(str, PORT_WIDTHS))}, not {port_width!r}")
         self.port_width = port_width
         self.burst_len = _checked("burst_len", burst_len, 1, 256)
-        self.outstanding = _checked("outstanding", outstanding, 1, 16)
+        self.outstanding = _checked("outstanding", outstanding, 1, MAX_OUTSTANDING + 1)
         self.size_bytes = _checked("size_bytes", size_bytes, 128, 1 << 32)
         if size_bytes % IMAGE_ALIGN:
             raise ValueError(f"size_bytes must be a multiple of {IMAGE_ALIGN}, not {size_bytes}")
@@ -420,6 +421,14 @@ class ImageChecker(wiring.Component):
             with m.If(~ok):
                 m.d.comb += header_code.eq(code)
 
+        # the verdicts (the header's code, the payload CRC-32's match) are registered: a job is
+        # decided in the cycle after ``received``, so no path runs from the checks into the
+        # state machine and the next read
+        decide = Signal()
+        decided_code = Signal(CODE_WIDTH)
+        payload_ok = Signal()
+        m.d.sync += [decide.eq(received), decided_code.eq(header_code), payload_ok.eq(checksum.crc == payload_crc)]
+
         error = Signal(CODE_WIDTH)
         base = Cat(Const(0, block_shift), block)
         with m.FSM(name="check"):
@@ -454,9 +463,9 @@ class ImageChecker(wiring.Component):
                     for code, flag in bad.items():
                         with m.If((differs & checks[code]).any()):
                             m.d.sync += flag.eq(1)
-                with m.If(received):
-                    with m.If(header_code != 0):
-                        m.d.sync += error.eq(header_code)
+                with m.If(decide):
+                    with m.If(decided_code != 0):
+                        m.d.sync += error.eq(decided_code)
                         m.next = "HANDOFF"
                     with m.Elif(hit):
                         m.next = "HANDOFF"
@@ -464,8 +473,8 @@ class ImageChecker(wiring.Component):
                         m.d.comb += self.verifying.eq(1)
                         m.d.sync += read(base + g.header_beats, g.verify_beats)
                         m.next = "VERIFY"
-            with m.State("VERIFY"), m.If(received):
-                with m.If(checksum.crc == payload_crc):
+            with m.State("VERIFY"), m.If(decide):
+                with m.If(payload_ok):
                     m.d.comb += insert.eq(~dirty & ~touched_block)
                 with m.Else():
                     m.d.sync += error.eq(ImageErrorCode.BAD_PAYLOAD_CRC)
@@ -906,7 +915,9 @@ class ExpertLoader(wiring.Component):
     burst_len : int
         Largest burst in words, 1..256.
     outstanding : int
-        Requests the memory queues, 1..16 (the loader keeps one burst more in flight).
+        Requests the memory queues, 1..17 (a memory queues up to 16; in the accelerator the
+        command processor's request slice counts as one more); the loader keeps one burst
+        more in flight.
     size_bytes : int
         Device-memory size, a multiple of 64 in 128..2**32.
     max_tokens : int

@@ -128,10 +128,12 @@ class ShiftFIFO(Elaboratable):
 
 
 class StreamSlice(wiring.Component):
-    """A stream through a two-entry :class:`ShiftFIFO`: ``i.ready``, ``o.valid`` and
-    ``o.payload`` are registers, so no combinational path crosses it in either direction
+    """A stream through a :class:`ShiftFIFO` of ``depth`` entries: ``i.ready``, ``o.valid``
+    and ``o.payload`` are registers, so no combinational path crosses it in either direction
     (a stall downstream no longer reaches the producer in the same cycle). One cycle of
-    latency; a beat can pass every cycle.
+    latency. With two entries (the default) a beat can pass every cycle; with one, every
+    other cycle (its entry is free again only the cycle after it leaves), for half the
+    flip-flops, where the beats come no faster (a burst's request, one per burst).
 
     Members
     -------
@@ -139,13 +141,14 @@ class StreamSlice(wiring.Component):
     o : ``Out(stream.Signature(shape))``
     """
 
-    def __init__(self, shape):
+    def __init__(self, shape, *, depth=2):
         self.shape = shape
+        self.depth = check_int(self, "depth", depth, 1, 2)
         super().__init__({"i": In(stream.Signature(shape)), "o": Out(stream.Signature(shape))})
 
     def elaborate(self, platform):
         m = Module()
-        m.submodules.fifo = fifo = ShiftFIFO(width=Shape.cast(self.shape).width, depth=2)
+        m.submodules.fifo = fifo = ShiftFIFO(width=Shape.cast(self.shape).width, depth=self.depth)
         stream_through(m, fifo, self.i, self.o)
         return m
 

@@ -126,7 +126,8 @@ class CommandProcessor(wiring.Component):
         config = self.config
         r, a, model, mem = config.router, config.array, config.model, config.memory
         m.submodules.router = router = TopKRouter.from_config(r)
-        m.submodules.loader = loader = ExpertLoader.from_config(config)
+        # the loader's requests wait in the request slice below as well: one burst more in flight
+        m.submodules.loader = loader = ExpertLoader.from_config(config, outstanding=mem.outstanding + 1)
         m.submodules.engine = engine = ExpertEngine.from_config(config)
         hidden_tiles = engine.hidden_tiles
         acc_depth = model.max_tokens * hidden_tiles
@@ -143,10 +144,17 @@ class CommandProcessor(wiring.Component):
                                                   count_width=dma_width)
         m.submodules.arbiter = arbiter = BurstArbiter(clients=2, addr_width=self.addr_width,
                                                       data_width=mem.port_width, burst_len=mem.burst_len,
-                                                      outstanding=mem.outstanding + 1)
+                                                      outstanding=mem.outstanding + 2)
         connect(m, loader.mem, arbiter.clients[0])
         connect(m, reader.mem, arbiter.clients[1])
-        connect(m, arbiter.mem, flipped(self.mem))
+        # a register slice on the requests: the grant of the nested arbiters (this one, the
+        # loader's) no longer meets the device's arbiter in one cycle. One entry where a burst
+        # takes at least two cycles (a request every other cycle is enough), else two.
+        m.submodules.requests = requests = StreamSlice(arbiter.mem.req.payload.shape(),
+                                                       depth=1 if mem.burst_len > 1 else 2)
+        connect(m, arbiter.mem.req, requests.i)
+        connect(m, requests.o, flipped(self.mem.req))
+        connect(m, flipped(self.mem.data), arbiter.mem.data)
         connect(m, writer.write, flipped(self.write))
         connect(m, flipped(self.written), loader.written)
         connect(m, loader.params, engine.params)

@@ -3,30 +3,20 @@ yosys synthesis (resources, within 15%)."""
 
 import pytest
 
-from moegen.config import AccelConfig, load_config
-from moegen.hls.model import ECP5_POINTS, cycle_errors, expert_cycles, resources, route_cycles
+from moegen.config import load_config
+from moegen.hls.model import (
+    CYCLE_SWEEP,
+    ECP5_POINTS,
+    cycle_errors,
+    expert_cycles,
+    point_config,
+    resources,
+    route_cycles,
+    sweep_config,
+)
 
 CYCLE_TOLERANCE = 0.05
 RESOURCE_TOLERANCE = 0.15
-
-#: Sweep variants of the default config: another array shape and sparsity, port width, memory
-#: latency, bank count and size, the engine without its register slices (a Verilator harness
-#: build each, about 150 s).
-SWEEP = {
-    "sweep-r4c16-14": {"array": {"rows": 4, "cols": 16, "m": 1, "n": 4}, "memory": {"port_width": 32, "latency": 8},
-                       "loader": {"banks": 3, "bank_bytes": 4096}},
-    "sweep-r8c4-44": {"array": {"rows": 8, "cols": 4, "m": 4, "n": 4}, "memory": {"port_width": 128, "latency": 24},
-                      "loader": {"banks": 2, "bank_bytes": 2048}, "router": {"experts": 16, "lanes": 4},
-                      "device": {"pipeline": False}},
-}
-
-
-def _variant(name, overrides):
-    data = load_config("default").to_dict()
-    for section, values in overrides.items():
-        data[section].update(values)
-    return AccelConfig.from_dict({**data, "name": name})
-
 
 def _check_cycles(config):
     for tokens, verified, call_error, engine_error in cycle_errors(config):
@@ -58,14 +48,14 @@ def test_cycle_model_matches_harness(preset):
 
 @pytest.mark.verilator
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(SWEEP))
+@pytest.mark.parametrize("name", list(CYCLE_SWEEP))
 def test_cycle_model_matches_harness_sweep(name):
-    _check_cycles(_variant(name, SWEEP[name]))
+    _check_cycles(sweep_config(name))
 
 
 def test_resource_model_reproduces_its_points():
     for overrides, used in ECP5_POINTS:
-        modeled = resources(_variant("point", overrides))
+        modeled = resources(point_config(overrides, name="point"))
         for kind, count in used.items():
             assert modeled[kind] == pytest.approx(count, rel=RESOURCE_TOLERANCE), kind
 

@@ -43,7 +43,7 @@ def test_geometry_of_the_default_config():
     ({"bank_bytes": 1024}, r"bank_bytes must hold one down tile of 1280 bytes, not 1024"),
     ({"port_width": 48}, r"port_width must be one of 8, 16, 32, 64, 128, 256, 512, not 48"),
     ({"burst_len": 0}, r"burst_len must be an integer in 1\.\.256, not 0"),
-    ({"outstanding": 17}, r"outstanding must be an integer in 1\.\.16, not 17"),
+    ({"outstanding": 18}, r"outstanding must be an integer in 1\.\.17, not 18"),
     ({"size_bytes": 4100}, r"size_bytes must be a multiple of 64, not 4100"),
     ({"verified_images": 65}, r"verified_images must be an integer in 0\.\.64, not 65"),
     ({"rows": 0}, r"rows must be an integer in 1\.\.64, not 0"),
@@ -418,11 +418,11 @@ def test_formal_streamer_check_reaches_a_completed_run():
 
 @pytest.mark.formal
 def test_formal_loader_never_emits_for_a_refused_command():
-    result = run_bmc(LoaderCheck(**WIDE_PORT), name="expert-loader", depth=20, map_memories=True)
+    result = run_bmc(LoaderCheck(**WIDE_PORT), name="expert-loader", depth=22, map_memories=True)
     assert result.ok, f"{result.status}: {result.failed} (log {result.log})"
 
 
 @pytest.mark.formal
 def test_formal_loader_check_reaches_a_payload_crc_refusal():
-    result = run_bmc(LoaderCheck(reach=True, **WIDE_PORT), name="expert-loader-reach", depth=22, map_memories=True)
+    result = run_bmc(LoaderCheck(reach=True, **WIDE_PORT), name="expert-loader-reach", depth=24, map_memories=True)
     assert result.status == "FAIL" and len(result.failed) == 1 and result.trace is not None, result.status

@@ -1,0 +1,105 @@
+"""Refit the cycle model's fixed costs (:mod:`moegen.hls.model`'s ``_*_CYCLES``) to the
+Verilator harness, after an RTL change moved them.
+
+``python -m moegen.hls.calibrate [CONFIG ...]`` measures the calls of
+:func:`~moegen.hls.model.simulated_calls` on each config (default: :data:`CALIBRATION_CONFIGS`,
+the configs ``tests/hls/test_model.py`` checks; a harness not built yet takes a few
+minutes), then searches the constants coordinate by coordinate (each within ``--span`` of
+its value, the others held, until none improves) for the smallest largest relative error
+over the calls' busy cycles and the engine's. It prints the error of the constants as they
+are, the best set found and its error per config; the model's source is left to the
+engineer to edit (the constants carry comments on what each stands for).
+"""
+
+import argparse
+import sys
+from contextlib import contextmanager
+
+from . import model
+
+#: The constants the search moves (each a ``_NAME`` global of :mod:`moegen.hls.model`).
+CONSTANTS = ("MEM_ISSUE_CYCLES", "COMMAND_CYCLES", "HEADER_CHECK_CYCLES", "VERIFY_CYCLES", "RUN_START_CYCLES",
+             "ENGINE_DRAIN_CYCLES", "H_WAIT_CYCLES", "PIPELINE_DRAIN_CYCLES", "PIPELINE_H_WAIT_CYCLES",
+             "STORE_DRAIN_CYCLES")
+
+#: The presets and sweep variants (:data:`~moegen.hls.model.CYCLE_SWEEP`) the model is fitted to.
+CALIBRATION_CONFIGS = ("tiny", "default", *model.CYCLE_SWEEP)
+
+
+def calibration_config(name):
+    """A preset or file by ``name``, or a sweep variant of :data:`~moegen.hls.model.CYCLE_SWEEP`."""
+    from ..config import load_config
+
+    return model.sweep_config(name) if name in model.CYCLE_SWEEP else load_config(name)
+
+
+def current_constants():
+    return {name: getattr(model, f"_{name}") for name in CONSTANTS}
+
+
+@contextmanager
+def constants(values):
+    """:mod:`moegen.hls.model` with ``values`` (``{name: cycles}``) in place of its constants."""
+    saved = current_constants()
+    try:
+        for name, value in values.items():
+            setattr(model, f"_{name}", value)
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(model, f"_{name}", value)
+
+
+def errors(measured, values):
+    """Per config, the largest relative error of the model with ``values`` against ``measured``
+    (``{name: (config, simulated_calls(config))}``)."""
+    worst = {}
+    with constants(values):
+        for name, (config, calls) in measured.items():
+            worst[name] = max(max(abs(model.call_cycles(config, tokens, verified=verified) / busy - 1),
+                                  abs(model.expert_cycles(config, tokens, verified=verified).engine / engine - 1))
+                              for tokens, verified, busy, engine in calls)
+    return worst
+
+
+def search(measured, start, *, span=3):
+    """Coordinate search from ``start``: returns the best constants and their largest error."""
+    best = dict(start)
+    best_error = max(errors(measured, best).values())
+    improved = True
+    while improved:
+        improved = False
+        for name in CONSTANTS:
+            for value in range(max(0, start[name] - span), start[name] + span + 1):
+                trial = {**best, name: value}
+                error = max(errors(measured, trial).values())
+                if error < best_error - 1e-12:
+                    best, best_error, improved = trial, error, True
+    return best, best_error
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m moegen.hls.calibrate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("configs", nargs="*", default=list(CALIBRATION_CONFIGS), metavar="CONFIG",
+                        help=f"presets, files or sweep variants (default: {' '.join(CALIBRATION_CONFIGS)})")
+    parser.add_argument("--span", type=int, default=3, help="cycles each constant may move (default: 3)")
+    args = parser.parse_args(argv)
+    if args.span < 0:
+        parser.error(f"--span must be at least 0, not {args.span}")
+    measured = {}
+    for name in args.configs:
+        print(f"harness calls of {name}", file=sys.stderr, flush=True)
+        config = calibration_config(name)
+        measured[name] = (config, model.simulated_calls(config))
+    now = current_constants()
+    best, best_error = search(measured, now, span=args.span)
+    print(f"largest error as the model stands: {max(errors(measured, now).values()):.2%}")
+    print(f"largest error of the best constants: {best_error:.2%}")
+    for name, value in best.items():
+        print(f"  _{name} = {value}" + ("" if value == now[name] else f"  (now {now[name]})"))
+    for name, error in errors(measured, best).items():
+        print(f"  {name}: {error:.2%}")
+
+
+if __name__ == "__main__":
+    main()
