@@ -4,12 +4,16 @@ is reused (its ``build_s`` is that of the build that ran)."""
 
 import sys
 
+from moegen.boards import SEEDS
+
 DESCRIPTION = "board bitstreams (YoWASP yosys + nextpnr): Fmax vs target, LUT/FF/DSP/BRAM, build seconds"
 
 
 def add_arguments(parser):
     parser.add_argument("--board", action="append", help="only this board (repeatable; default: every yowasp board)")
-    parser.add_argument("--seed", type=int, default=1, help="nextpnr placement seed")
+    parser.add_argument("--seed", type=int, default=1, help="first nextpnr placement seed (default: 1)")
+    parser.add_argument("--seeds", type=int, default=SEEDS,
+                        help=f"placement seeds tried until one meets timing (default: {SEEDS})")
 
 
 def _row(report):
@@ -19,7 +23,7 @@ def _row(report):
         "board": report.board, "config": report.config, "status": report.status,
         "fmax_mhz": sync["fmax_mhz"] if sync else None, "target_mhz": report.target_mhz,
         "luts": used.get("luts"), "ffs": used.get("ffs"), "dsps": used.get("dsps"), "brams": used.get("brams"),
-        "build_s": report.build_s,
+        "build_s": report.build_s, "seed": report.seed,
     }
 
 
@@ -37,7 +41,7 @@ def run(args):
     for name in names:
         get_board(name)
         try:
-            report = build_bitstream(load_config(name), name, seed=args.seed, progress=_progress)
+            report = build_bitstream(load_config(name), name, seed=args.seed, seeds=args.seeds, progress=_progress)
         except BuildFailed as error:
             report = error.report
         rows.append(_row(report))

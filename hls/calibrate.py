@@ -4,9 +4,9 @@ Verilator harness, after an RTL change moved them.
 ``python -m moegen.hls.calibrate [CONFIG ...]`` measures the calls of
 :func:`~moegen.hls.model.simulated_calls` on each config (default: :data:`CALIBRATION_CONFIGS`,
 the configs ``tests/hls/test_model.py`` checks; a harness not built yet takes a few
-minutes), then searches the constants coordinate by coordinate (each within ``--span`` of
-its value, the others held, until none improves) for the smallest largest relative error
-over the calls' busy cycles and the engine's. It prints the error of the constants as they
+minutes), then searches the constants by steepest descent (one constant moved at a time,
+each within ``--span`` of its value, until no move improves) for the smallest largest
+relative error over the calls' busy cycles and the engine's. It prints the error of the constants as they
 are, the best set found and its error per config; the model's source is left to the
 engineer to edit (the constants carry comments on what each stands for).
 """
@@ -63,19 +63,19 @@ def errors(measured, values):
 
 
 def search(measured, start, *, span=3):
-    """Coordinate search from ``start``: returns the best constants and their largest error."""
+    """Steepest descent from ``start``: of every single constant moved within ``span`` of its
+    start, take the move that lowers the largest error most, until none does. Returns the
+    best constants and their largest error."""
     best = dict(start)
     best_error = max(errors(measured, best).values())
-    improved = True
-    while improved:
-        improved = False
-        for name in CONSTANTS:
-            for value in range(max(0, start[name] - span), start[name] + span + 1):
-                trial = {**best, name: value}
-                error = max(errors(measured, trial).values())
-                if error < best_error - 1e-12:
-                    best, best_error, improved = trial, error, True
-    return best, best_error
+    while True:
+        moves = [{**best, name: value} for name in CONSTANTS
+                 for value in range(max(0, start[name] - span), start[name] + span + 1) if value != best[name]]
+        scored = [(max(errors(measured, trial).values()), trial) for trial in moves]
+        error, trial = min(scored, key=lambda pair: pair[0], default=(best_error, best))
+        if error >= best_error - 1e-12:
+            return best, best_error
+        best, best_error = trial, error
 
 
 def main(argv=None):
@@ -93,12 +93,14 @@ def main(argv=None):
         measured[name] = (config, model.simulated_calls(config))
     now = current_constants()
     best, best_error = search(measured, now, span=args.span)
-    print(f"largest error as the model stands: {max(errors(measured, now).values()):.2%}")
-    print(f"largest error of the best constants: {best_error:.2%}")
+    as_is, fitted = errors(measured, now), errors(measured, best)
+    print(f"largest error: {max(as_is.values()):.2%} as the model stands, {best_error:.2%} with the best constants")
+    print(f"{'config':<20} {'as is':>8} {'best':>8}")
+    for name in measured:
+        print(f"{name:<20} {as_is[name]:>8.2%} {fitted[name]:>8.2%}")
+    print("best constants:")
     for name, value in best.items():
         print(f"  _{name} = {value}" + ("" if value == now[name] else f"  (now {now[name]})"))
-    for name, error in errors(measured, best).items():
-        print(f"  {name}: {error:.2%}")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import json
 import sys
 
 from . import __version__
+from .boards import SEEDS
 from .errors import UserError
 
 __all__ = ["main"]
@@ -109,7 +110,7 @@ def _bitstream(args):
         raise UserError(f"board {args.board} has no preset config; give --config")
     config = load_config(source)
     try:
-        report = build_bitstream(config, args.board, out=args.out, seed=args.seed,
+        report = build_bitstream(config, args.board, out=args.out, seed=args.seed, seeds=args.seeds,
                                  stop_after=args.stop_after and args.stop_after.replace("-", " "),
                                  progress=lambda line: print(line, flush=True))
     except BuildFailed as error:
@@ -188,7 +189,9 @@ def _parser():
     bitstream.add_argument("--board", help="board name (default: the config's target.board)")
     bitstream.add_argument("--config", help="YAML file or preset (default: the board's preset)")
     bitstream.add_argument("--out", help="output folder (default: build/boards/BOARD/NAME-HASH16)")
-    bitstream.add_argument("--seed", type=int, default=1, help="nextpnr placement seed")
+    bitstream.add_argument("--seed", type=int, default=1, help="first nextpnr placement seed (default: 1)")
+    bitstream.add_argument("--seeds", type=int, default=SEEDS,
+                           help=f"placement seeds tried until one meets timing (default: {SEEDS})")
     bitstream.add_argument("--stop-after", choices=("elaborate", "synthesize", "place-and-route"),
                            help="stop after this stage (no bitstream)")
     bitstream.set_defaults(func=_bitstream)

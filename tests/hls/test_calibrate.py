@@ -41,3 +41,14 @@ def test_cli_rejects_a_negative_span(capsys):
         calibrate.main(["tiny", "--span", "-1"])
     assert exit_info.value.code == 2
     assert "--span must be at least 0, not -1" in capsys.readouterr().err
+
+
+def test_cli_prints_the_errors_as_is_and_fitted(monkeypatch, capsys):
+    now = calibrate.current_constants()
+    moved = {**now, "VERIFY_CYCLES": now["VERIFY_CYCLES"] + 3}
+    monkeypatch.setattr(model, "simulated_calls", lambda config: _calls(config, moved))
+    calibrate.main(["tiny", "--span", "3"])
+    out = capsys.readouterr().out
+    assert "with the best constants" in out and ", 0.00% with the best constants" in out
+    assert f"_VERIFY_CYCLES = {now['VERIFY_CYCLES'] + 3}  (now {now['VERIFY_CYCLES']})" in out
+    assert out.splitlines()[2].split()[0] == "tiny"

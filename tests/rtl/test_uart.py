@@ -170,7 +170,7 @@ def test_bridge_echoes_bytes_both_ways(error):
 def test_divisor_from_clock_and_baud():
     assert uart_divisor(100e6, 3_000_000) == 33
     assert uart_divisor(30e6, 3_000_000) == 10
-    for name, clock_hz, divisor in (("ulx3s-85f", None, 15), ("icebreaker", None, 8), ("tiny", 48e6, 16)):
+    for name, clock_hz, divisor in (("ulx3s-85f", None, 15), ("icebreaker", None, 10), ("tiny", 48e6, 16)):
         bridge = UARTBridge.from_config(load_config(name), clock_hz=clock_hz)
         Fragment.get(bridge, None)  # elaborates
         assert bridge.divisor == divisor
