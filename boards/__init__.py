@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from ..errors import UserError
 
-__all__ = ["BOARDS", "BRAM_BLOCK_BITS", "SPRAM_BITS", "BoardSpec", "get_board"]
+__all__ = ["BOARDS", "BRAM_BLOCK_BITS", "MAX_SEED", "MAX_SEEDS", "SEEDS", "SPRAM_BITS", "BoardSpec", "get_board"]
 
 
 @dataclass(frozen=True)
@@ -67,14 +67,16 @@ class BoardSpec:
         return self.spram_bits // SPRAM_BITS
 
 
-#: Bits of one block RAM as yosys and nextpnr count them: ECP5 DP16KD (18 Kbit), iCE40 EBR
-#: (4 Kbit), 7-series RAMB36.
 #: Placement seeds a build tries by default (``build_bitstream``'s ``seeds``, ``moegen
 #: bitstream --seeds``), and the most it may be asked to: placement moves the iCE40 preset's
 #: Fmax by about 2 MHz from one seed to the next (docs/boards.md)
 SEEDS = 3
 MAX_SEEDS = 16
+#: The largest first seed (nextpnr's ``--seed`` is a C ``int``; the seeds tried follow it).
+MAX_SEED = (1 << 31) - 1 - MAX_SEEDS
 
+#: Bits of one block RAM as yosys and nextpnr count them: ECP5 DP16KD (18 Kbit), iCE40 EBR
+#: (4 Kbit), 7-series RAMB36.
 BRAM_BLOCK_BITS = {"ecp5": 18_432, "ice40": 4_096, "xc7": 36_864}
 #: Bits of one iCE40 UltraPlus SPRAM.
 SPRAM_BITS = 262_144

@@ -48,7 +48,7 @@ from ..errors import UserError
 from ..generate import stamp
 from ..simulation import build_root
 from ..toolchain import python_tool, yosys_command
-from . import MAX_SEEDS, SEEDS, get_board
+from . import MAX_SEED, MAX_SEEDS, SEEDS, get_board
 from .clocks import plan_clock
 from .synth import FAMILIES
 from .top import BoardTop, board_platform
@@ -403,7 +403,7 @@ def _path_text(steps):
 
 def check_timing(report):
     """Raises :class:`BuildFailed` naming every clock of ``report`` below its target, with the
-    critical path of the slowest."""
+    critical path of the slowest and, where several were placed, each seed's Fmax."""
     missed = [clock for clock in report.clocks if not clock["met"]]
     if not missed:
         return
@@ -411,7 +411,11 @@ def check_timing(report):
     report.problems = [f"clock {c['name']}: {c['fmax_mhz']:.2f} MHz < target {c['target_mhz']:.2f} MHz"
                        for c in missed]
     summary = f"config {report.config} misses timing on {report.board}: {'; '.join(report.problems)}"
-    raise BuildFailed("\n".join(filter(None, [summary, _path_text(report.critical_path)])), report)
+    tried = ""
+    if len(report.placements) > 1:
+        tried = ("placement seeds tried (the report and critical path are the last one's): "
+                 + ", ".join(f"{p['seed']}: {p['fmax_mhz']:.2f} MHz" for p in report.placements))
+    raise BuildFailed("\n".join(filter(None, [summary, _path_text(report.critical_path), tried])), report)
 
 
 #: Where the Python behind the design lives: moegen's checkout, the packages (Amaranth) and
@@ -455,11 +459,14 @@ def build_bitstream(config, board=None, *, out=None, design=None, seed=1, seeds=
     ``design`` replaces the accelerator (any component with its ``rx``, ``tx`` and ``idle``
     ports); ``seed`` is the first placement seed and ``seeds`` how many are tried: a
     placement that misses timing is placed and routed again with the next seed, and the
-    first that meets it is kept (else the last); ``stop_after`` names a stage of
+    first that meets it is kept (else the last; a tool that fails ends the build, and
+    ``timeout_s`` applies to each tool run); ``stop_after`` names a stage of
     :data:`STAGES` to stop after (status ``stopped``, no manifest); ``progress`` receives one
     line per stage event."""
     if stop_after is not None and stop_after not in STAGES:
         raise UserError(f"unknown stage {stop_after!r}; stages: {', '.join(STAGES)}")
+    if type(seed) is not int or not 1 <= seed <= MAX_SEED:
+        raise UserError(f"seed must be an integer in 1..{MAX_SEED}, not {seed!r}")
     if type(seeds) is not int or not 1 <= seeds <= MAX_SEEDS:
         raise UserError(f"seeds must be an integer in 1..{MAX_SEEDS}, not {seeds!r}")
     spec = get_board(board or config.target.board)

@@ -27,10 +27,21 @@ CALIBRATION_CONFIGS = ("tiny", "default", *model.CYCLE_SWEEP)
 
 
 def calibration_config(name):
-    """A preset or file by ``name``, or a sweep variant of :data:`~moegen.hls.model.CYCLE_SWEEP`."""
+    """A preset or file by ``name``, or a sweep variant of :data:`~moegen.hls.model.CYCLE_SWEEP`;
+    an unknown name or a config without the counter registers the calls read is a
+    :class:`~moegen.errors.UserError`."""
     from ..config import load_config
+    from ..errors import UserError
+    from ..host.device import require_counters
 
-    return model.sweep_config(name) if name in model.CYCLE_SWEEP else load_config(name)
+    if name in model.CYCLE_SWEEP:
+        return model.sweep_config(name)
+    try:
+        config = load_config(name)
+    except UserError as error:
+        raise UserError(f"{error}; or a sweep variant: {', '.join(model.CYCLE_SWEEP)}") from None
+    require_counters(config, "the cycle model's calibration")
+    return config
 
 
 def current_constants():
@@ -86,10 +97,15 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.span < 0:
         parser.error(f"--span must be at least 0, not {args.span}")
+    from ..errors import UserError
+
+    try:
+        configs = {name: calibration_config(name) for name in args.configs}  # every name, before any build
+    except UserError as error:
+        parser.error(str(error))
     measured = {}
-    for name in args.configs:
+    for name, config in configs.items():
         print(f"harness calls of {name}", file=sys.stderr, flush=True)
-        config = calibration_config(name)
         measured[name] = (config, model.simulated_calls(config))
     now = current_constants()
     best, best_error = search(measured, now, span=args.span)

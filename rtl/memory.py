@@ -131,9 +131,16 @@ class StreamSlice(wiring.Component):
     """A stream through a :class:`ShiftFIFO` of ``depth`` entries: ``i.ready``, ``o.valid``
     and ``o.payload`` are registers, so no combinational path crosses it in either direction
     (a stall downstream no longer reaches the producer in the same cycle). One cycle of
-    latency. With two entries (the default) a beat can pass every cycle; with one, every
-    other cycle (its entry is free again only the cycle after it leaves), for half the
-    flip-flops, where the beats come no faster (a burst's request, one per burst).
+    latency.
+
+    Parameters
+    ----------
+    shape : shape-castable
+        Of the payload.
+    depth : int
+        Entries, 1 or 2. With two (the default) a beat can pass every cycle; with one, every
+        other cycle (its entry is free again only the cycle after it leaves), for half the
+        flip-flops, where the beats seldom come faster (a burst's request, one per burst).
 
     Members
     -------

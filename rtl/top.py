@@ -148,8 +148,9 @@ class CommandProcessor(wiring.Component):
         connect(m, loader.mem, arbiter.clients[0])
         connect(m, reader.mem, arbiter.clients[1])
         # a register slice on the requests: the grant of the nested arbiters (this one, the
-        # loader's) no longer meets the device's arbiter in one cycle. One entry where a burst
-        # takes at least two cycles (a request every other cycle is enough), else two.
+        # loader's) no longer meets the device's arbiter in one cycle. One entry where bursts
+        # may be longer than a word (a request every other cycle; runs of one-word bursts pass
+        # at half rate, as hls.model's request_spacing models), else two.
         m.submodules.requests = requests = StreamSlice(arbiter.mem.req.payload.shape(),
                                                        depth=1 if mem.burst_len > 1 else 2)
         connect(m, arbiter.mem.req, requests.i)

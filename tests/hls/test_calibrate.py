@@ -1,6 +1,8 @@
 """The cycle model's calibration search (hls/calibrate.py) on calls the model itself made with
 other constants: it must find constants that reproduce them exactly."""
 
+import re
+
 import pytest
 
 from moegen.config import load_config
@@ -52,3 +54,15 @@ def test_cli_prints_the_errors_as_is_and_fitted(monkeypatch, capsys):
     assert "with the best constants" in out and ", 0.00% with the best constants" in out
     assert f"_VERIFY_CYCLES = {now['VERIFY_CYCLES'] + 3}  (now {now['VERIFY_CYCLES']})" in out
     assert out.splitlines()[2].split()[0] == "tiny"
+
+
+@pytest.mark.parametrize(("name", "match"), [
+    ("no-such-config", r"no such config file \(presets: .*\); or a sweep variant: sweep-r4c16-14, sweep-r8c4-44"),
+    ("icebreaker", r"config 'icebreaker' has no counter registers \(device.counters: false\)"),
+])
+def test_cli_refuses_a_config_it_cannot_measure_before_building_any(monkeypatch, capsys, name, match):
+    monkeypatch.setattr(model, "simulated_calls", lambda config: pytest.fail("measured before every name was checked"))
+    with pytest.raises(SystemExit) as exit_info:
+        calibrate.main(["tiny", name])
+    assert exit_info.value.code == 2
+    assert re.search(match, capsys.readouterr().err)

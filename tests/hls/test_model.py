@@ -7,9 +7,11 @@ from moegen.config import load_config
 from moegen.hls.model import (
     CYCLE_SWEEP,
     ECP5_POINTS,
+    burst_schedule,
     cycle_errors,
     expert_cycles,
     point_config,
+    request_spacing,
     resources,
     route_cycles,
     sweep_config,
@@ -33,6 +35,17 @@ def test_steps_and_bytes_are_exact():
     warm, cold = expert_cycles(config, 1), expert_cycles(config, 1, verified=False)
     assert cold.load_bytes - warm.load_bytes == config.image_layout.nbytes - 64
     assert cold.command > warm.command >= warm.roofline
+
+
+def test_request_spacing_delays_each_burst_of_a_job():
+    """Bursts a request every ``spacing`` cycles: four one-word bursts on an idle port arrive a
+    word a cycle with spacing 1, a word every other cycle with spacing 2."""
+    jobs = [[1, 1, 1, 1]]
+    (one,), (first_one,) = burst_schedule(jobs, latency=4, outstanding=16, spacing=1)
+    (two,), (first_two,) = burst_schedule(jobs, latency=4, outstanding=16, spacing=2)
+    assert first_one == first_two and one - first_one == 4 and two - first_two == 7
+    assert request_spacing(load_config("default").memory) == 2  # bursts of 16 words
+    assert request_spacing(point_config({"memory": {"burst_len": 1}}).memory) == 1
 
 
 def test_route_cycles_grow_by_beats_per_token():
