@@ -4,16 +4,14 @@ is reused (its ``build_s`` is that of the build that ran)."""
 
 import sys
 
-from moegen.boards import SEEDS
+from moegen.boards import add_seed_arguments
 
 DESCRIPTION = "board bitstreams (YoWASP yosys + nextpnr): Fmax vs target, LUT/FF/DSP/BRAM, build seconds"
 
 
 def add_arguments(parser):
     parser.add_argument("--board", action="append", help="only this board (repeatable; default: every yowasp board)")
-    parser.add_argument("--seed", type=int, default=1, help="first nextpnr placement seed (default: 1)")
-    parser.add_argument("--seeds", type=int, default=SEEDS,
-                        help=f"placement seeds tried until one meets timing (default: {SEEDS})")
+    add_seed_arguments(parser)
 
 
 def _row(report):

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 from ..errors import UserError
 
-__all__ = ["BOARDS", "BRAM_BLOCK_BITS", "MAX_SEED", "MAX_SEEDS", "SEEDS", "SPRAM_BITS", "BoardSpec", "get_board"]
+__all__ = ["BOARDS", "BRAM_BLOCK_BITS", "MAX_SEED", "MAX_SEEDS", "SEEDS", "SPRAM_BITS", "BoardSpec",
+           "add_seed_arguments", "get_board"]
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,14 @@ SEEDS = 3
 MAX_SEEDS = 16
 #: The largest first seed (nextpnr's ``--seed`` is a C ``int``; the seeds tried follow it).
 MAX_SEED = (1 << 31) - 1 - MAX_SEEDS
+
+
+def add_seed_arguments(parser):
+    """``--seed`` and ``--seeds`` of the commands that build bitstreams (``moegen bitstream``,
+    ``moegen bench boards``), for ``build_bitstream``."""
+    parser.add_argument("--seed", type=int, default=1, help="first nextpnr placement seed (default: 1)")
+    parser.add_argument("--seeds", type=int, default=SEEDS,
+                        help=f"placement seeds tried until one meets timing (default: {SEEDS})")
 
 #: Bits of one block RAM as yosys and nextpnr count them: ECP5 DP16KD (18 Kbit), iCE40 EBR
 #: (4 Kbit), 7-series RAMB36.

